@@ -1,0 +1,102 @@
+"""What the planner must know about a dataset, found without torch and without reading
+the data itself: row counts, the shape of one input, the number of classes.
+
+Digits' figures are constants of scikit-learn's bundled dataset; synthetic data is
+described by its recipe; Parquet answers from its footers (pyarrow reads no rows).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher.errors import UsageError
+from launcher.recipe import DataConfig
+
+DIGITS_ROWS = 1797
+DIGITS_SHAPE = (1, 8, 8)
+DIGITS_CLASSES = 10
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    num_rows: int
+    num_train: int
+    num_val: int
+    input_shape: tuple[int, ...]
+    """Shape of one sample's features; for token data, (seq_len,) of the model input."""
+    num_classes: int
+    """Classes, or the vocabulary size for token data."""
+
+
+def split_sizes(num_rows: int, val_fraction: float) -> tuple[int, int]:
+    """(train, val) row counts: the one rule the planner and the loader share."""
+    num_val = int(round(num_rows * val_fraction))
+    if val_fraction > 0:
+        num_val = max(num_val, 1)
+    return num_rows - num_val, num_val
+
+
+def parquet_files(path: str) -> list[Path]:
+    root = Path(path)
+    if root.is_dir():
+        files = sorted(p for p in root.rglob("*.parquet") if p.is_file())
+        if not files:
+            raise UsageError(f"no .parquet files under {path!r}", key="data.path")
+        return files
+    if not root.exists():
+        raise UsageError(f"{path!r} does not exist", key="data.path")
+    return [root]
+
+
+def _parquet_facts(cfg: DataConfig) -> tuple[int, tuple[int, ...], int]:
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    files = parquet_files(cfg.path or "")
+    try:
+        schema = pq.read_schema(files[0])
+        num_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
+        raise UsageError(f"cannot read {str(files[0])!r} as Parquet: {exc}", key="data.path") from None
+    names = schema.names
+    if cfg.kind == "tokens":
+        if cfg.tokens_column not in names:
+            raise UsageError(f"column {cfg.tokens_column!r} not in {names}", key="data.tokens_column")
+        # A token file says nothing cheap about its vocabulary: the recipe gives it.
+        return num_rows, (cfg.seq_len - 1,), cfg.vocab_size
+    if cfg.label_column not in names:
+        raise UsageError(f"column {cfg.label_column!r} not in {names}", key="data.label_column")
+    features = cfg.feature_columns or [n for n in names if n != cfg.label_column]
+    missing = [c for c in features if c not in names]
+    if missing:
+        raise UsageError(f"columns {missing} not in {names}", key="data.feature_columns")
+    # Class count needs the label values: read that one column (small) once.
+    labels = ds.dataset([str(f) for f in files], format="parquet").to_table(columns=[cfg.label_column])
+    num_classes = int(pc.max(labels.column(0)).as_py()) + 1
+    return num_rows, (len(features),), num_classes
+
+
+def describe(cfg: DataConfig) -> DataFacts:
+    if cfg.source == "digits":
+        num_rows, shape, classes = DIGITS_ROWS, DIGITS_SHAPE, DIGITS_CLASSES
+    elif cfg.source == "synthetic":
+        num_rows = cfg.samples
+        if cfg.kind == "tokens":
+            shape, classes = (cfg.seq_len - 1,), cfg.vocab_size
+        else:
+            shape, classes = (cfg.num_features,), cfg.num_classes
+    else:
+        num_rows, shape, classes = _parquet_facts(cfg)
+    if cfg.shape is not None:
+        if cfg.kind == "tokens":
+            raise UsageError("data.shape is for feature rows, not token sequences", key="data.shape")
+        if math.prod(cfg.shape) != math.prod(shape):
+            raise UsageError(f"shape {cfg.shape} holds {math.prod(cfg.shape)} values but each row "
+                             f"has {math.prod(shape)}", key="data.shape")
+        shape = tuple(cfg.shape)
+    num_train, num_val = split_sizes(num_rows, cfg.val_fraction)
+    return DataFacts(num_rows, num_train, num_val, tuple(shape), classes)
+

@@ -1,0 +1,306 @@
+"""Recipe + flags -> LaunchPlan: every decision about how a job runs, made once.
+
+Pure: no torch, no I/O. What the planner needs to know about the host and the data
+comes in as values (``HostFacts``, ``DataFacts``), so a test can plan a 4-node GPU job
+on a laptop. Combinations that cannot work are refused here, before any process
+starts, as ``UsageError`` naming the key to change.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from launcher.data.facts import DataFacts
+from launcher.engine_config import accelerate_kwargs, deepspeed_config
+from launcher.errors import UsageError
+from launcher.recipe import Recipe
+
+PLAN_FILE = "plan.json"
+
+
+class _Value(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class HostFacts(_Value):
+    """What the planner may know about the machine that launches the job."""
+
+    has_cuda: bool
+    cpus: int
+    hostname: str
+
+
+class Topology(_Value):
+    nodes: int
+    procs_per_node: int
+    world_size: int
+    device: Literal["cpu", "cuda"]
+    dist_backend: Literal["gloo", "nccl"]
+    rdzv_timeout: int
+
+
+class BatchPlan(_Value):
+    micro: int
+    grad_accum: int
+    global_: int
+
+
+class LearningRate(_Value):
+    base: float
+    scaled: float
+    rule: Literal["none", "linear", "sqrt"]
+    reference_batch: int | None
+
+
+class StepPlan(_Value):
+    total: int
+    per_epoch: int
+    warmup: int
+    eval_every: int
+    checkpoint_every: int
+    log_every: int
+
+
+class EnginePlan(_Value):
+    name: Literal["deepspeed", "accelerate"]
+    zero_stage: int
+    precision: Literal["fp32", "bf16", "fp16"]
+    deepspeed: dict[str, Any] | None
+    accelerate: dict[str, Any] | None
+
+
+class TrainingPlan(_Value):
+    data: DataFacts
+    batch: BatchPlan
+    lr: LearningRate
+    steps: StepPlan
+    engine: EnginePlan
+
+
+class ScriptPlan(_Value):
+    path: str
+    args: list[str]
+
+
+class LaunchPlan(_Value):
+    name: str
+    run_dir: str
+    recipe: Recipe
+    """The resolved recipe: the file, the overrides and every default."""
+    topology: Topology
+    env: dict[str, str]
+    training: TrainingPlan | None
+    """What the built-in trainer runs; None when the job is a user script."""
+    script: ScriptPlan | None
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> LaunchPlan:
+        return cls.model_validate_json(text)
+
+
+def _topology(recipe: Recipe, host: HostFacts, nodes: int | None, procs: int | None) -> Topology:
+    cluster = recipe.cluster
+    nodes = nodes or cluster.nodes
+    procs = procs or cluster.procs_per_node
+    if nodes < 1 or procs < 1:
+        raise UsageError("nodes and procs per node must be at least 1", key="cluster.nodes")
+    device = cluster.device
+    if device == "auto":
+        device = "cuda" if host.has_cuda else "cpu"
+    if device == "cuda" and not host.has_cuda and cluster.backend == "local":
+        raise UsageError("cuda requested but this host has no NVIDIA GPU", key="cluster.device")
+    return Topology(nodes=nodes, procs_per_node=procs, world_size=nodes * procs, device=device,
+                    dist_backend="nccl" if device == "cuda" else "gloo",
+                    rdzv_timeout=cluster.rdzv_timeout)
+
+
+def _batch(recipe: Recipe, world: int) -> BatchPlan:
+    train = recipe.train
+    micro = train.micro_batch_size
+    if train.global_batch_size is None:
+        accum = train.grad_accum or 1
+        return BatchPlan(micro=micro, grad_accum=accum, global_=micro * world * accum)
+    per_step = micro * world
+    if train.global_batch_size % per_step:
+        raise UsageError(
+            f"{train.global_batch_size} is not divisible by micro_batch_size x world size "
+            f"= {micro} x {world} = {per_step}; pick a multiple of {per_step}",
+            key="train.global_batch_size")
+    accum = train.global_batch_size // per_step
+    if train.grad_accum is not None and train.grad_accum != accum:
+        raise UsageError(
+            f"{train.grad_accum} disagrees with global_batch_size {train.global_batch_size} = "
+            f"{micro} x {world} ranks x {accum}; set one of the two", key="train.grad_accum")
+    return BatchPlan(micro=micro, grad_accum=accum, global_=train.global_batch_size)
+
+
+def _learning_rate(recipe: Recipe, global_batch: int) -> LearningRate:
+    optim = recipe.optim
+    if optim.reference_batch is None or optim.scaling == "none":
+        return LearningRate(base=optim.lr, scaled=optim.lr, rule="none", reference_batch=optim.reference_batch)
+    rule = optim.scaling
+    if rule == "auto":
+        rule = "linear" if optim.name == "sgd" else "sqrt"
+    ratio = global_batch / optim.reference_batch
+    factor = ratio if rule == "linear" else math.sqrt(ratio)
+    return LearningRate(base=optim.lr, scaled=optim.lr * factor, rule=rule,
+                        reference_batch=optim.reference_batch)
+
+
+def _steps(recipe: Recipe, data: DataFacts, global_batch: int) -> StepPlan:
+    train = recipe.train
+    per_epoch = data.num_train // global_batch
+    if per_epoch == 0:
+        raise UsageError(
+            f"the training split has {data.num_train} rows, fewer than one global batch of "
+            f"{global_batch}; lower micro_batch_size or use fewer ranks",
+            key="train.micro_batch_size")
+    if train.max_steps is not None:
+        total = train.max_steps
+    elif train.epochs is not None:
+        total = max(1, math.ceil(train.epochs * per_epoch))
+    else:
+        raise UsageError("set train.epochs or train.max_steps", key="train.epochs")
+    schedule = recipe.schedule
+    warmup = schedule.warmup_steps
+    if warmup is None:
+        warmup = round(schedule.warmup_fraction * total)
+    if warmup >= total:
+        raise UsageError(f"{warmup} warmup steps leave nothing of a {total}-step run",
+                         key="schedule.warmup_steps")
+    if data.num_val == 0 and (train.early_stopping.patience is not None or schedule.name == "plateau"):
+        raise UsageError("early stopping and reduce-on-plateau need a validation split; "
+                         "set data.val_fraction > 0", key="data.val_fraction")
+    eval_every = min(train.eval_every or per_epoch, total)
+    return StepPlan(total=total, per_epoch=per_epoch, warmup=warmup, eval_every=eval_every,
+                    checkpoint_every=min(train.checkpoint_every or eval_every, total),
+                    log_every=recipe.logging.log_every)
+
+
+def _engine(recipe: Recipe, topo: Topology, batch: BatchPlan, lr: float) -> EnginePlan:
+    engine, precision = recipe.engine, recipe.precision.dtype
+    if engine.name == "deepspeed":
+        if engine.strategy != "ddp":
+            raise UsageError("strategy is for engine.name accelerate; DeepSpeed shards with "
+                             "engine.zero_stage", key="engine.strategy")
+        if precision == "fp16" and topo.device == "cpu":
+            raise UsageError("DeepSpeed does not train fp16 on CPU; use bf16 or fp32 here, "
+                             "fp16 on GPUs", key="precision.dtype")
+        stage = 2 if engine.zero_stage is None else engine.zero_stage
+        if engine.offload_optimizer and stage == 0:
+            raise UsageError("optimizer offload needs ZeRO stage 1, 2 or 3", key="engine.offload_optimizer")
+        if engine.offload_optimizer and recipe.optim.name == "sgd":
+            raise UsageError("optimizer offload runs DeepSpeedCPUAdam; use optim.name adam or adamw",
+                             key="engine.offload_optimizer")
+        if engine.offload_params and stage != 3:
+            raise UsageError("parameter offload needs ZeRO stage 3", key="engine.offload_params")
+        config = deepspeed_config(recipe, micro_batch=batch.micro, grad_accum=batch.grad_accum,
+                                  global_batch=batch.global_, lr=lr, zero_stage=stage,
+                                  device=topo.device)
+        return EnginePlan(name="deepspeed", zero_stage=stage, precision=precision,
+                          deepspeed=config, accelerate=None)
+    if engine.offload_optimizer or engine.offload_params:
+        raise UsageError("CPU offload is a DeepSpeed feature; use engine.name deepspeed",
+                         key="engine.offload_optimizer" if engine.offload_optimizer else "engine.offload_params")
+    if engine.deepspeed_config:
+        raise UsageError("deepspeed_config is for engine.name deepspeed", key="engine.deepspeed_config")
+    if engine.strategy == "ddp":
+        stage = engine.zero_stage or 0
+        if stage > 0:
+            raise UsageError(f"ZeRO stage {stage} shards model state, which DDP does not; use "
+                             "engine.name deepspeed, or engine.strategy fsdp", key="engine.zero_stage")
+    else:
+        stage = 3 if engine.zero_stage is None else engine.zero_stage
+        if stage not in (2, 3):
+            raise UsageError(f"FSDP shards like ZeRO 2 (SHARD_GRAD_OP) or 3 (FULL_SHARD), not "
+                             f"{stage}", key="engine.zero_stage")
+    if precision == "fp16" and topo.device == "cpu":
+        raise UsageError("fp16 mixed precision needs GPUs; use bf16 or fp32 on CPU",
+                         key="precision.dtype")
+    kwargs = accelerate_kwargs(recipe, grad_accum=batch.grad_accum, zero_stage=stage, device=topo.device)
+    return EnginePlan(name="accelerate", zero_stage=stage, precision=precision,
+                      deepspeed=None, accelerate=kwargs)
+
+
+def _check_model(recipe: Recipe, data: DataFacts) -> None:
+    model = recipe.model
+    if model.target is not None:
+        return
+    tokens = recipe.data.kind == "tokens"
+    if model.name == "gpt" and not tokens:
+        raise UsageError("gpt predicts tokens; set data.kind: tokens", key="model.name")
+    if model.name != "gpt" and tokens:
+        raise UsageError(f"{model.name} classifies feature rows; use model.name gpt for token data",
+                         key="model.name")
+    if model.name == "cnn" and len(data.input_shape) != 3:
+        raise UsageError(f"cnn needs image-shaped inputs (C, H, W), the data has shape "
+                         f"{list(data.input_shape)}; set data.shape", key="model.name")
+
+
+def _env(topo: Topology, host: HostFacts) -> dict[str, str]:
+    env = {"PYTHONUNBUFFERED": "1"}
+    if topo.device == "cpu":
+        # One intra-op thread pool per worker, sized so the workers of a node share its
+        # cores instead of oversubscribing them.
+        env["OMP_NUM_THREADS"] = str(max(1, host.cpus // topo.procs_per_node))
+    return env
+
+
+def build_plan(recipe: Recipe, *, host: HostFacts, data: DataFacts | None, run_dir: str,
+               nodes: int | None = None, procs_per_node: int | None = None,
+               script: str | None = None, script_args: list[str] = ()) -> LaunchPlan:
+    """The plan for ``recipe`` on ``host``; ``data`` is None only for ``--script`` jobs."""
+    topo = _topology(recipe, host, nodes, procs_per_node)
+    training = None
+    if script is None:
+        if data is None:
+            raise ValueError("a built-in training job needs DataFacts")
+        _check_model(recipe, data)
+        batch = _batch(recipe, topo.world_size)
+        lr = _learning_rate(recipe, batch.global_)
+        training = TrainingPlan(data=data, batch=batch, lr=lr, steps=_steps(recipe, data, batch.global_),
+                                engine=_engine(recipe, topo, batch, lr.scaled))
+    return LaunchPlan(
+        name=recipe.name, run_dir=run_dir, recipe=recipe, topology=topo,
+        env=_env(topo, host), training=training,
+        script=ScriptPlan(path=script, args=list(script_args)) if script is not None else None,
+    )
+
+
+def format_plan(plan: LaunchPlan) -> str:
+    """The human table `dlaunch plan` prints."""
+    topo = plan.topology
+    rows: list[tuple[str, str]] = [
+        ("run dir", plan.run_dir),
+        ("topology", f"{topo.nodes} node(s) x {topo.procs_per_node} proc(s) = world size "
+                     f"{topo.world_size}, {topo.device}, {topo.dist_backend}"),
+    ]
+    if plan.script is not None:
+        rows.append(("script", " ".join([plan.script.path, *plan.script.args])))
+    train = plan.training
+    if train is not None:
+        b, lr, s, e, d = train.batch, train.lr, train.steps, train.engine, train.data
+        recipe = plan.recipe
+        model = recipe.model.target or recipe.model.name
+        rows += [
+            ("model", model),
+            ("data", f"{recipe.data.source}: {d.num_train} train / {d.num_val} val rows, "
+                     f"input {list(d.input_shape)}, {d.num_classes} classes"),
+            ("batch", f"micro {b.micro} x {topo.world_size} ranks x accum {b.grad_accum} = global {b.global_}"),
+            ("learning rate", f"{lr.scaled:.6g}" + (
+                f" ({lr.rule} scaling of {lr.base:g} from batch {lr.reference_batch})"
+                if lr.rule != "none" else "")),
+            ("schedule", f"{recipe.schedule.name}, {s.warmup} warmup steps"),
+            ("steps", f"{s.total} ({s.per_epoch} per epoch), eval every {s.eval_every}, "
+                      f"checkpoint every {s.checkpoint_every}"),
+            ("engine", f"{e.name}, ZeRO stage {e.zero_stage}, {e.precision}"
+                       + (f", {recipe.engine.strategy}" if e.name == "accelerate" else "")),
+        ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

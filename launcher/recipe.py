@@ -1,0 +1,348 @@
+"""The recipe: one YAML file, validated up front into a strict, typed schema.
+
+One small model per concern, each field documented once, right under it (the docstring
+becomes the field's description: ``dlaunch explain KEY`` prints it). Defaults follow
+best practice: AdamW, warmup then cosine, gradient clipping at 1.0, bf16.
+
+``load_recipe`` turns a file plus ``--set`` overrides into a ``Recipe`` or raises a
+``UsageError`` that names the key path and the YAML line.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from launcher.errors import UsageError
+from launcher.yamlio import KeyPath, SourceMap, apply_override, load_yaml, parse_override
+
+BUILTIN_MODELS = ("mlp", "cnn", "gpt")
+
+
+class Section(BaseModel):
+    # strict: "8" is not an int and "yes" is not a bool; extra="forbid": a typo is an
+    # error with a did-you-mean, not a silently ignored key.
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True,
+                              use_attribute_docstrings=True)
+
+
+class ModelConfig(Section):
+    name: Literal["mlp", "cnn", "gpt"] = "mlp"
+    """Built-in model: mlp, cnn (a small ResNet-style CNN) or gpt (a tiny GPT)."""
+    target: str | None = None
+    """Any other model, by import path `package.module:factory` (importable from the
+    working directory); the factory is called with `kwargs` and returns an nn.Module.
+    When set, `name` is not used."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the model factory (built-in or `target`)."""
+
+
+class DataConfig(Section):
+    source: Literal["digits", "synthetic", "parquet"] = "digits"
+    """digits (scikit-learn's 8x8 handwritten digits, 1797 real images), synthetic
+    (generated tensors), or parquet (files read with pyarrow)."""
+    kind: Literal["classification", "tokens"] = "classification"
+    """classification: (features, label) rows. tokens: sequences for next-token
+    prediction (the gpt model)."""
+    path: str | None = None
+    """Parquet file or directory of .parquet files (source: parquet)."""
+    feature_columns: list[str] | None = None
+    """Parquet columns holding the features; default: every column but the label."""
+    label_column: str = "label"
+    """Parquet column holding the class label (kind: classification)."""
+    tokens_column: str = "tokens"
+    """Parquet column holding a list of token ids per row (kind: tokens)."""
+    shape: list[int] | None = None
+    """Reshape each feature row to this shape, e.g. [1, 8, 8] for a CNN."""
+    samples: int = Field(default=2048, gt=0)
+    """Number of rows to generate (source: synthetic)."""
+    num_features: int = Field(default=32, gt=0)
+    """Features per row (source: synthetic, kind: classification)."""
+    num_classes: int = Field(default=4, gt=1)
+    """Classes (source: synthetic, kind: classification)."""
+    seq_len: int = Field(default=32, gt=1)
+    """Tokens per sequence (source: synthetic, kind: tokens)."""
+    vocab_size: int = Field(default=64, gt=1)
+    """Vocabulary size (source: synthetic, kind: tokens)."""
+    val_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+    """Share of rows held out for validation; never trained on."""
+    split_seed: int = 0
+    """Seed of the train/validation split, independent of the training seed so that
+    runs with different seeds are evaluated on the same rows."""
+    normalize: bool = True
+    """Standardise features with mean and std computed on the training split only."""
+    num_workers: int = Field(default=0, ge=0)
+    """DataLoader worker processes per rank."""
+
+
+class OptimConfig(Section):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    """Optimizer."""
+    lr: float = Field(default=1e-3, gt=0)
+    """Peak learning rate, for `reference_batch` samples per step when that is set."""
+    weight_decay: float = Field(default=0.01, ge=0)
+    """Decoupled weight decay; not applied to biases and normalisation weights."""
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2)
+    """Adam betas."""
+    eps: float = Field(default=1e-8, gt=0)
+    """Adam epsilon."""
+    momentum: float = Field(default=0.9, ge=0)
+    """SGD momentum (Nesterov)."""
+    reference_batch: int | None = Field(default=None, gt=0)
+    """The global batch `lr` was tuned for. When set, the LR is scaled to the actual
+    global batch by `scaling`; when unset, `lr` is used as is."""
+    scaling: Literal["auto", "linear", "sqrt", "none"] = "auto"
+    """LR scaling rule for large batches: linear (Goyal et al., for SGD), sqrt (for
+    Adam-family optimizers), auto picks by optimizer."""
+
+
+class ScheduleConfig(Section):
+    name: Literal["cosine", "cosine_restarts", "linear", "constant", "plateau"] = "cosine"
+    """LR schedule after warmup: cosine decay, cosine with warm restarts (SGDR), linear
+    decay, constant, or reduce-on-plateau of `train.monitor`."""
+    warmup_steps: int | None = Field(default=None, ge=0)
+    """Linear warmup from 0 to the peak LR; default: `warmup_fraction` of the run."""
+    warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
+    """Warmup length as a share of all optimizer steps, when `warmup_steps` is unset."""
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    """Floor of the decay, as a share of the peak LR."""
+    restart_period: int | None = Field(default=None, gt=0)
+    """Steps in the first cycle (cosine_restarts); default: a quarter of the run."""
+    restart_mult: int = Field(default=1, ge=1)
+    """Each cycle is this many times longer than the one before (cosine_restarts)."""
+    plateau_factor: float = Field(default=0.5, gt=0, lt=1)
+    """Multiply the LR by this when the monitored metric stops improving (plateau)."""
+    plateau_patience: int = Field(default=2, ge=0)
+    """Evaluations without improvement before the LR is reduced (plateau)."""
+
+
+class PrecisionConfig(Section):
+    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """Training precision. fp16 uses a loss scaler; bf16 needs none."""
+    loss_scale: float = Field(default=0.0, ge=0)
+    """fp16 only: 0 for dynamic loss scaling, otherwise a static scale."""
+    initial_scale_power: int = Field(default=16, ge=0, le=32)
+    """fp16 dynamic scaling starts at 2**initial_scale_power."""
+    loss_scale_window: int = Field(default=1000, gt=0)
+    """fp16: steps without overflow before the scale is raised."""
+
+
+class EngineConfig(Section):
+    name: Literal["deepspeed", "accelerate"] = "deepspeed"
+    """Training engine."""
+    zero_stage: int | None = Field(default=None, ge=0, le=3)
+    """ZeRO stage 0-3. Default: 2 with deepspeed, 0 (plain DDP) with accelerate; with
+    accelerate, stages 2 and 3 need strategy fsdp."""
+    offload_optimizer: bool = False
+    """deepspeed: keep optimizer states in CPU memory (ZeRO 1-3)."""
+    offload_params: bool = False
+    """deepspeed: keep parameters in CPU memory (ZeRO 3 only)."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """accelerate: data parallel (ddp) or fully sharded (fsdp)."""
+    deepspeed_config: dict[str, Any] = Field(default_factory=dict)
+    """Extra DeepSpeed config entries, merged over the generated config."""
+
+
+class EarlyStoppingConfig(Section):
+    patience: int | None = Field(default=5, ge=1)
+    """Stop after this many evaluations without improvement of `train.monitor`; null
+    turns early stopping off."""
+    min_delta: float = Field(default=0.0, ge=0)
+    """Smallest change that counts as an improvement."""
+
+
+class TrainConfig(Section):
+    micro_batch_size: int = Field(default=32, gt=0)
+    """Samples per rank per forward pass."""
+    global_batch_size: int | None = Field(default=None, gt=0)
+    """Samples per optimizer step across all ranks; gradient accumulation makes up the
+    difference. Default: micro_batch_size x world size x grad_accum."""
+    grad_accum: int | None = Field(default=None, gt=0)
+    """Micro-batches per optimizer step; derived from global_batch_size when unset."""
+    epochs: float | None = Field(default=1.0, gt=0)
+    """Passes over the training split (used when max_steps is unset)."""
+    max_steps: int | None = Field(default=None, gt=0)
+    """Optimizer steps to train; overrides epochs."""
+    clip_grad_norm: float | None = Field(default=1.0, gt=0)
+    """Clip the global gradient norm to this; null turns clipping off."""
+    eval_every: int | None = Field(default=None, gt=0)
+    """Evaluate every N optimizer steps; default: once per epoch."""
+    checkpoint_every: int | None = Field(default=None, gt=0)
+    """Checkpoint every N optimizer steps; default: at every evaluation."""
+    keep_last: int = Field(default=3, ge=1)
+    """Checkpoints to keep; older ones are deleted once a newer one is complete."""
+    monitor: str = "val_loss"
+    """Metric that early stopping, reduce-on-plateau and `best` follow: val_loss or
+    val_acc."""
+    monitor_mode: Literal["auto", "min", "max"] = "auto"
+    """Whether `monitor` should go down or up; auto: up for accuracies."""
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    """Early stopping on `monitor`."""
+    max_nonfinite_steps: int = Field(default=3, ge=0)
+    """NaN/Inf guard: a step whose loss is not finite is skipped; after this many in a
+    row the run stops with an error naming the step."""
+    seed: int = 1234
+    """Seed for every RNG (python, numpy, torch) and the data order; each rank offsets
+    it by its rank for dropout and augmentation."""
+
+
+class LoggingConfig(Section):
+    run_root: str = "runs"
+    """Directory under which run directories `<name>-<stamp>` are created."""
+    log_every: int = Field(default=10, gt=0)
+    """Write training metrics every N optimizer steps."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to RUN_DIR/tb."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+
+class ClusterConfig(Section):
+    backend: Literal["local"] = "local"
+    """Where the job runs: local (N emulated nodes on this host)."""
+    nodes: int = Field(default=1, gt=0)
+    """Nodes; `--nodes` overrides."""
+    procs_per_node: int = Field(default=1, gt=0)
+    """Worker processes per node (one per GPU); `--procs-per-node` overrides."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when this host has an NVIDIA GPU, cpu otherwise."""
+    rdzv_timeout: int = Field(default=300, gt=0)
+    """Seconds the node agents wait for each other at rendezvous."""
+
+
+class Recipe(Section):
+    name: str = Field(default="run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Run name; the run directory is RUN_ROOT/<name>-<stamp>."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+
+def _section_fields(loc: KeyPath) -> list[str]:
+    """Names of the fields that are valid at ``loc`` (for did-you-mean)."""
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    kind, loc = error["type"], error["loc"]
+    if kind == "extra_forbidden":
+        known = _section_fields(loc[:-1])
+        guess = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"; did you mean {guess[0]!r}?" if guess else f"; known keys: {', '.join(known)}"
+        return f"unknown key{hint}"
+    message = error["msg"]
+    if kind == "literal_error":
+        expected = error.get("ctx", {}).get("expected", "")
+        return f"got {error['input']!r}; expected one of {expected}"
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return f"{message[0].lower()}{message[1:]}, got {error['input']!r}"
+    return message[0].lower() + message[1:]
+
+
+def recipe_from_data(data: Any, source: SourceMap) -> Recipe:
+    """Validate parsed YAML into a Recipe; the first problem becomes a UsageError."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UsageError("a recipe must be a mapping of sections (model:, data:, ...)",
+                         key=source.filename, line=1)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = tuple(error["loc"])
+        line, origin = source.locate(loc)
+        raise UsageError(_describe(error), key=".".join(map(str, loc)) or source.filename,
+                         line=line, origin=origin) from None
+    _check_consistency(recipe)
+    return recipe
+
+
+def _check_consistency(recipe: Recipe) -> None:
+    """Rules that span fields of one recipe (rules that need flags live in plan.py)."""
+    data = recipe.data
+    if data.source == "parquet" and not data.path:
+        raise UsageError("data.source is parquet; set data.path to a .parquet file or folder",
+                         key="data.path")
+    if data.source == "digits" and data.kind != "classification":
+        raise UsageError("the digits dataset is for classification", key="data.kind")
+    target = recipe.model.target
+    if target is not None and (":" not in target or target.startswith(":") or target.endswith(":")):
+        raise UsageError(f"{target!r} is not an import path; write package.module:factory",
+                         key="model.target")
+    if recipe.train.monitor not in ("val_loss", "val_acc"):
+        raise UsageError(f"cannot monitor {recipe.train.monitor!r}; use val_loss or val_acc",
+                         key="train.monitor")
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> tuple[Recipe, SourceMap]:
+    """Read ``path`` (None: all defaults), apply ``--set`` overrides, validate."""
+    if path is None:
+        data, source = {}, SourceMap(filename="<defaults>")
+    else:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise UsageError(f"recipe {str(path)!r} does not exist", key="recipe") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read recipe {str(path)!r}: {exc}", key="recipe") from None
+        data, source = load_yaml(text, filename=path.name)
+    if data is None:
+        data = {}
+    for spec in overrides:
+        keys, value = parse_override(spec)
+        if not isinstance(data, dict):
+            break  # recipe_from_data reports the malformed document
+        apply_override(data, keys, value)
+        source.overridden.add(keys)
+    return recipe_from_data(data, source), source
+
+
+def locate(error: UsageError, source: SourceMap) -> UsageError:
+    """Fill in the YAML line (or --set) of an error raised after validation."""
+    if error.key and error.line is None and error.origin is None:
+        path = tuple(error.key.split("."))
+        error.line, error.origin = source.locate(path)
+    return error
+
+
+def explain(key: str) -> str:
+    """The documentation of one recipe key, from the schema itself."""
+    model: type[BaseModel] = Recipe
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            guess = difflib.get_close_matches(part, list(model.model_fields), n=1)
+            hint = f"; did you mean {'.'.join([*parts[:depth], guess[0]])!r}?" if guess else ""
+            raise UsageError(f"no such recipe key{hint}", key=key)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if depth == len(parts) - 1:
+                lines = [f"{key}: section"]
+                for name, sub in annotation.model_fields.items():
+                    lines.append(f"  {name}: {(sub.description or '').splitlines()[0] if sub.description else ''}")
+                return "\n".join(lines)
+            model = annotation
+            continue
+        default = field.get_default(call_default_factory=True)
+        doc = " ".join((field.description or "").split())
+        return f"{key} (default: {default!r})\n  {doc}"
+    raise AssertionError("unreachable")

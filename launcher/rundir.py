@@ -1,0 +1,135 @@
+"""The run directory: its layout, and its creation (all or nothing).
+
+RUN_DIR/
+  recipe.yaml       the resolved recipe (file + overrides + defaults)
+  plan.json         the LaunchPlan every worker reads
+  ds_config.json | accelerate.json   the engine config, exactly as the engine gets it
+  env.json          versions, git sha, host, seeds, command line
+  metrics.jsonl     one JSON object per logged step / evaluation (rank 0)
+  tb/               TensorBoard event files
+  checkpoints/      step-XXXXXXXX/ directories and the `latest` pointer
+  logs/rank-N.log   each rank's log; rank-N.status its last known state
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launcher.errors import UsageError
+from launcher.plan import LaunchPlan
+
+PLAN = "plan.json"
+RECIPE = "recipe.yaml"
+ENV = "env.json"
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tb"
+CHECKPOINTS = "checkpoints"
+LOGS = "logs"
+
+
+def rank_log(run_dir: str | Path, rank: int) -> Path:
+    return Path(run_dir) / LOGS / f"rank-{rank}.log"
+
+
+def rank_status(run_dir: str | Path, rank: int) -> Path:
+    """One line: running | done | failed: <why> | terminated: <signal>.
+    A rank whose file still says `running` after its job ended was killed hard."""
+    return Path(run_dir) / LOGS / f"rank-{rank}.status"
+
+ENGINE_CONFIG = {"deepspeed": "ds_config.json", "accelerate": "accelerate.json"}
+
+
+def new_run_dir(root: str | Path, name: str, stamp: str) -> Path:
+    """RUN_ROOT/<name>-<stamp>, with a -2, -3... suffix if two runs share a second."""
+    base = Path(root) / f"{name}-{stamp}"
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def _env_record(plan: LaunchPlan, argv: list[str]) -> dict[str, Any]:
+    """What a person needs to reproduce the run: versions, code, host, seeds."""
+    versions = {}
+    for package in ("dlaunch", "torch", "deepspeed", "accelerate", "numpy", "pyarrow", "scikit-learn"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": versions,
+        "git": _git_state(),
+        "hosts": [socket.gethostname()],
+        "seeds": {"train": plan.recipe.train.seed, "data_split": plan.recipe.data.split_seed},
+        "command": argv,
+        "environment": {k: v for k, v in os.environ.items() if _is_reproducibility_var(k)},
+    }
+
+
+# Variables that change how a run behaves. Anything that looks like a credential is left
+# out even if it matches: run directories get shared and uploaded.
+_VAR_PREFIXES = ("CUDA_", "NCCL_", "OMP_", "MKL_", "TORCH_", "PYTORCH_", "SLURM_JOB_", "DLAUNCH_")
+_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
+
+
+def _is_reproducibility_var(name: str) -> bool:
+    return name.startswith(_VAR_PREFIXES) and not any(w in name.upper() for w in _SECRET_WORDS)
+
+
+def _git_state() -> dict[str, Any] | None:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                               timeout=10, check=True).stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"sha": sha, "dirty": dirty}
+
+
+def _write(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def create(plan: LaunchPlan, argv: list[str]) -> Path:
+    """Write the run directory for ``plan`` all at once: it is assembled under a hidden
+    temporary name and renamed into place, so a failure leaves nothing behind."""
+    final = Path(plan.run_dir)
+    staging = final.with_name(f".{final.name}.tmp")
+    # The top-most folder this call creates, removed again if anything fails.
+    first_missing = next((p for p in reversed(final.absolute().parents) if not p.exists()), None)
+    try:
+        staging.mkdir(parents=True)
+        (staging / LOGS).mkdir()
+        _write(staging / PLAN, plan.to_json())
+        _write(staging / RECIPE, yaml.safe_dump(plan.recipe.model_dump(mode="json"), sort_keys=False))
+        _write(staging / ENV, json.dumps(_env_record(plan, argv), indent=2) + "\n")
+        if plan.training is not None:
+            engine = plan.training.engine
+            config = engine.deepspeed if engine.name == "deepspeed" else engine.accelerate
+            _write(staging / ENGINE_CONFIG[engine.name], json.dumps(config, indent=2) + "\n")
+        os.rename(staging, final)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if first_missing is not None:
+            shutil.rmtree(first_missing, ignore_errors=True)
+        raise UsageError(f"cannot create run directory {str(final)!r}: {exc.strerror or exc}",
+                         key="logging.run_root") from None
+    return final

@@ -1,0 +1,117 @@
+"""Learning-rate schedules: linear warmup, then cosine, cosine with warm restarts (SGDR),
+linear, constant, or reduce-on-plateau.
+
+The shape of each schedule is a pure function of the step (``lr_factor``), so it is
+tested without an optimizer. ``LRSchedule`` applies it to an optimizer's param groups
+and has the scheduler interface both engines drive (``step``, ``get_last_lr``,
+``state_dict``): DeepSpeed steps it after every optimizer step it takes, the
+Accelerate engine does the same.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+ScheduleName = Literal["cosine", "cosine_restarts", "linear", "constant", "plateau"]
+
+
+@dataclass(frozen=True)
+class ScheduleShape:
+    name: ScheduleName
+    total_steps: int
+    warmup_steps: int
+    min_lr_ratio: float = 0.1
+    restart_period: int | None = None
+    restart_mult: int = 1
+
+
+def _cosine(progress: float, floor: float) -> float:
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _restart_progress(step: int, first_period: int, mult: int) -> float:
+    """Progress within the current SGDR cycle, in [0, 1)."""
+    period = first_period
+    while step >= period:
+        step -= period
+        period *= mult
+    return step / period
+
+
+def lr_factor(shape: ScheduleShape, step: int) -> float:
+    """Multiplier of the peak LR for optimizer step ``step`` (0-based)."""
+    if step < shape.warmup_steps:
+        # (step + 1) / (warmup + 1): the first update is small but never zero.
+        return (step + 1) / (shape.warmup_steps + 1)
+    after = step - shape.warmup_steps
+    decay_steps = max(1, shape.total_steps - shape.warmup_steps)
+    progress = min(1.0, after / decay_steps)
+    floor = shape.min_lr_ratio
+    if shape.name == "cosine":
+        return _cosine(progress, floor)
+    if shape.name == "linear":
+        return floor + (1.0 - floor) * (1.0 - progress)
+    if shape.name == "cosine_restarts":
+        period = shape.restart_period or max(1, decay_steps // 4)
+        return _cosine(_restart_progress(after, period, shape.restart_mult), floor)
+    return 1.0  # constant, and plateau (whose reductions LRSchedule applies)
+
+
+class LRSchedule:
+    """Sets each param group's LR to its peak LR x ``lr_factor`` x the plateau scale."""
+
+    def __init__(self, optimizer: Any, shape: ScheduleShape, *, plateau_factor: float = 0.5,
+                 plateau_patience: int = 2, mode: Literal["min", "max"] = "min") -> None:
+        self.optimizer = optimizer
+        self.shape = shape
+        self.peak_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.last_step = 0
+        self.plateau_factor = plateau_factor
+        self.plateau_patience = plateau_patience
+        self.mode = mode
+        self.plateau_scale = 1.0
+        self.best: float | None = None
+        self.bad_evals = 0
+        self._apply()
+
+    def _apply(self) -> None:
+        factor = lr_factor(self.shape, self.last_step) * self.plateau_scale
+        for group, peak in zip(self.optimizer.param_groups, self.peak_lrs):
+            group["lr"] = peak * factor
+
+    def step(self, *_: Any, **__: Any) -> None:
+        """One optimizer step done (DeepSpeed passes keyword arguments; none matter)."""
+        self.last_step += 1
+        self._apply()
+
+    def on_eval(self, value: float) -> None:
+        """Reduce-on-plateau: cut the LR when ``value`` stopped improving."""
+        if self.shape.name != "plateau":
+            return
+        improved = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
+        if improved:
+            self.best, self.bad_evals = value, 0
+            return
+        self.bad_evals += 1
+        if self.bad_evals > self.plateau_patience:
+            self.plateau_scale *= self.plateau_factor
+            self.bad_evals = 0
+            self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    get_lr = get_last_lr  # DeepSpeed's engine.get_lr() asks for this name
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self.last_step, "plateau_scale": self.plateau_scale,
+                "best": self.best, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_step = state["last_step"]
+        self.plateau_scale = state["plateau_scale"]
+        self.best = state["best"]
+        self.bad_evals = state["bad_evals"]
+        self._apply()
