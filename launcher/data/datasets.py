@@ -1,0 +1,193 @@
+"""Rows in memory, split into train and validation: ``load_split(cfg, facts) -> Split``.
+
+Every source ends as torch tensors: features float32 shaped ``(N, *facts.input_shape)``
+with int64 labels, or, for token data, int64 inputs ``seq[:, :-1]`` with the next tokens
+``seq[:, 1:]`` as targets. The split and the normalisation statistics depend only on the
+recipe (``split_seed``), never on the training seed, rank or world size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from launcher.data.facts import DataFacts, parquet_files
+from launcher.errors import UsageError
+from launcher.recipe import DataConfig
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class Split:
+    train: TensorDataset
+    val: TensorDataset
+
+
+def load_split(cfg: DataConfig, facts: DataFacts) -> Split:
+    """Load every row of ``cfg``'s source and split it as ``facts`` says."""
+    if cfg.kind == "tokens":
+        seq = _load_tokens(cfg)
+        _check_rows(cfg, facts, len(seq))
+        train, val = _split_indices(len(seq), facts.num_val, cfg.split_seed)
+        inputs, targets = seq[:, :-1], seq[:, 1:]
+        return Split(TensorDataset(inputs[train], targets[train]),
+                     TensorDataset(inputs[val], targets[val]))
+    x, y = _load_rows(cfg)
+    _check_rows(cfg, facts, len(y))
+    x = x.reshape(len(x), *facts.input_shape)
+    train, val = _split_indices(len(y), facts.num_val, cfg.split_seed)
+    x_train, x_val = x[train], x[val]
+    if cfg.normalize:
+        mean, std = _feature_stats(x_train)
+        x_train, x_val = (x_train - mean) / std, (x_val - mean) / std
+    return Split(TensorDataset(x_train, y[train]), TensorDataset(x_val, y[val]))
+
+
+def _check_rows(cfg: DataConfig, facts: DataFacts, num_rows: int) -> None:
+    # The plan sized batches and steps from facts.num_rows; files that changed since
+    # would silently break that arithmetic.
+    if num_rows != facts.num_rows:
+        raise UsageError(f"the data has {num_rows} rows but the plan was made for "
+                         f"{facts.num_rows}; did the files change? plan the run again",
+                         key="data.path" if cfg.source == "parquet" else "data.source")
+
+
+def _split_indices(num_rows: int, num_val: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) row indices: one seeded permutation, the last ``num_val`` are val."""
+    perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))
+    return perm[:num_rows - num_val], perm[num_rows - num_val:]
+
+
+def _feature_stats(x_train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the training rows: per channel for images (N, C, H, W), else per
+    feature. Computed in float64 so that large splits do not lose precision; population
+    std (as scikit-learn's StandardScaler), which is defined for a single row too."""
+    x = x_train.double()
+    dims = (0, 2, 3) if x.dim() == 4 else (0,)
+    mean = x.mean(dim=dims, keepdim=True)
+    std = x.std(dim=dims, keepdim=True, correction=0)
+    # A feature constant on the training split (a digits border pixel) would divide by
+    # zero: leave it unscaled, as scikit-learn's StandardScaler does.
+    std = torch.where(std < 1e-6, torch.ones_like(std), std)
+    return mean[0].float(), std[0].float()
+
+
+def _load_rows(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (features float32 (N, F), labels int64 (N,)) of a classification source."""
+    if cfg.source == "digits":
+        return _digits()
+    if cfg.source == "synthetic":
+        return _synthetic_classes(cfg)
+    return _parquet_rows(cfg)
+
+
+def _load_tokens(cfg: DataConfig) -> torch.Tensor:
+    """All token sequences, int64 (N, seq_len). (The recipe rejects digits as tokens.)"""
+    if cfg.source == "synthetic":
+        return _synthetic_tokens(cfg)
+    return _parquet_tokens(cfg)
+
+
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.data).float() / 16.0  # pixel intensities are 0..16
+    return x, torch.from_numpy(digits.target).long()
+
+
+def _synthetic_classes(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian clusters, one per class, with unit noise around centres drawn from
+    N(0, 1): separable enough to learn, overlapping enough to not be trivial in few
+    dimensions."""
+    gen = torch.Generator().manual_seed(cfg.split_seed)
+    centers = torch.randn(cfg.num_classes, cfg.num_features, generator=gen)
+    # Balanced classes, shuffled: every class the planner counted is present.
+    labels = (torch.arange(cfg.samples) % cfg.num_classes)[torch.randperm(cfg.samples, generator=gen)]
+    x = centers[labels] + torch.randn(cfg.samples, cfg.num_features, generator=gen)
+    return x, labels
+
+
+def _synthetic_tokens(cfg: DataConfig) -> torch.Tensor:
+    """Arithmetic sequences mod vocab_size: next = (prev + step) % vocab, with a random
+    start and a step in {1, 2, 3} per row; the model must infer the step from context."""
+    gen = torch.Generator().manual_seed(cfg.split_seed)
+    start = torch.randint(cfg.vocab_size, (cfg.samples, 1), generator=gen)
+    step = torch.randint(1, 4, (cfg.samples, 1), generator=gen)
+    return (start + step * torch.arange(cfg.seq_len)) % cfg.vocab_size
+
+
+def _read_table(cfg: DataConfig, columns: list[str]) -> pa.Table:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = parquet_files(cfg.path or "")
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+
+
+def _parquet_rows(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(parquet_files(cfg.path or "")[0]).names
+    features = cfg.feature_columns or [n for n in names if n != cfg.label_column]
+    table = _read_table(cfg, [*features, cfg.label_column])
+    bad = [c for c in features if not _is_numeric(table.schema.field(c).type)]
+    if bad:
+        raise UsageError(f"feature columns must hold one number per row; {bad} do not",
+                         key="data.feature_columns")
+    nulls = [c for c in features if table.column(c).null_count]
+    if nulls:
+        raise UsageError(f"feature columns {nulls} have missing values", key="data.feature_columns")
+    label = table.column(cfg.label_column)
+    if not pa.types.is_integer(label.type) or label.null_count:
+        raise UsageError(f"label column {cfg.label_column!r} must hold integers without gaps, "
+                         f"it is {label.type} with {label.null_count} missing",
+                         key="data.label_column")
+    x = np.column_stack([table.column(c).to_numpy().astype(np.float32) for c in features])
+    y = torch.from_numpy(label.to_numpy().astype(np.int64))
+    if len(y) and int(y.min()) < 0:
+        raise UsageError(f"label column {cfg.label_column!r} has negative labels; use 0..C-1",
+                         key="data.label_column")
+    return torch.from_numpy(x), y
+
+
+def _is_numeric(dtype: pa.DataType) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or pa.types.is_boolean(dtype)
+
+
+def _parquet_tokens(cfg: DataConfig) -> torch.Tensor:
+    """The first seq_len tokens of every row of the tokens column."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = _read_table(cfg, [cfg.tokens_column]).column(0).combine_chunks()
+    kind = column.type
+    is_list = pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+    if not (is_list and pa.types.is_integer(kind.value_type)):
+        raise UsageError(f"column {cfg.tokens_column!r} must hold lists of token ids, it is {kind}",
+                         key="data.tokens_column")
+    lengths = pc.list_value_length(column).fill_null(0)
+    short = pc.sum(pc.less(lengths, cfg.seq_len)).as_py() or 0
+    if short:
+        raise UsageError(f"{short} rows of {cfg.tokens_column!r} hold fewer than seq_len="
+                         f"{cfg.seq_len} tokens; lower data.seq_len or drop those rows",
+                         key="data.tokens_column")
+    heads = pc.list_slice(column, 0, cfg.seq_len, return_fixed_size_list=True).flatten()
+    if heads.null_count:
+        raise UsageError(f"{cfg.tokens_column!r} has missing token ids", key="data.tokens_column")
+    seq = torch.from_numpy(heads.to_numpy(zero_copy_only=False).astype(np.int64))
+    seq = seq.reshape(len(column), cfg.seq_len)
+    if len(seq) and (int(seq.min()) < 0 or int(seq.max()) >= cfg.vocab_size):
+        raise UsageError(f"token ids in {cfg.tokens_column!r} span {int(seq.min())}..{int(seq.max())}, "
+                         f"outside 0..{cfg.vocab_size - 1}; set data.vocab_size",
+                         key="data.vocab_size")
+    return seq

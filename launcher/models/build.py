@@ -1,0 +1,82 @@
+"""``build_model``: the recipe's model section plus the data's facts → an nn.Module."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from launcher.data.facts import DataFacts
+from launcher.errors import UsageError
+from launcher.models.cnn import CNN
+from launcher.models.gpt import GPT
+from launcher.models.mlp import MLP
+from launcher.models.target import load_target
+from launcher.recipe import ModelConfig
+
+BUILTINS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": CNN, "gpt": GPT}
+FROM_DATA = ("input_shape", "num_classes")
+"""Built-in arguments that come from the data, never from ``model.kwargs``."""
+
+
+def build_model(cfg: ModelConfig, facts: DataFacts) -> nn.Module:
+    """The built-in ``cfg.name`` sized for ``facts``, or ``cfg.target(**cfg.kwargs)``."""
+    if cfg.target is not None:
+        return _from_target(cfg.target, cfg.kwargs)
+    factory = BUILTINS[cfg.name]
+    _check_kwargs(cfg.name, factory, cfg.kwargs, skip=FROM_DATA)
+    try:
+        return factory(facts.input_shape, facts.num_classes, **cfg.kwargs)
+    except (TypeError, ValueError) as exc:  # a kwarg of the wrong type or a bad combination
+        raise UsageError(f"{cfg.name} with {cfg.kwargs}: {exc}", key="model.kwargs") from None
+
+
+def _from_target(target: str, kwargs: dict[str, Any]) -> nn.Module:
+    factory = load_target(target)
+    _check_kwargs(target, factory, kwargs)
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"{target} returned a {type(model).__name__}, not a torch.nn.Module",
+                         key="model.target")
+    return model
+
+
+def _check_kwargs(name: str, factory: Callable[..., Any], kwargs: dict[str, Any],
+                  skip: tuple[str, ...] = ()) -> None:
+    """Reject keyword arguments ``factory`` does not take, naming the ones it does.
+
+    Only the binding is checked here; errors raised inside a user's factory keep their
+    own traceback.
+    """
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # a callable without an introspectable signature
+        return
+    params = signature.parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    named = {n: p for n, p in params.items()
+             if n not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    unknown = sorted(set(kwargs) - set(named))
+    if unknown:
+        raise UsageError(f"{name} takes no argument {', '.join(map(repr, unknown))}; "
+                         f"it accepts {', '.join(named) or 'none'}", key="model.kwargs")
+    missing = [n for n, p in named.items() if p.default is p.empty and n not in kwargs]
+    if missing:
+        raise UsageError(f"{name} needs argument {', '.join(map(repr, missing))}; "
+                         f"set it in model.kwargs", key="model.kwargs")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups, as nanoGPT: weight decay on matrices and embeddings
+    (>= 2-D), which it regularises; none on biases and normalisation gains (1-D), which
+    set offsets and scales rather than model capacity."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    # Empty groups trip up some optimizer wrappers (DeepSpeed's ZeRO flattens each group).
+    return [g for g in groups if g["params"]]
