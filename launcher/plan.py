@@ -246,6 +246,8 @@ def _check_model(recipe: Recipe, data: DataFacts) -> None:
 def _env(topo: Topology, host: HostFacts) -> dict[str, str]:
     env = {"PYTHONUNBUFFERED": "1"}
     if topo.device == "cpu":
+        # Tell DeepSpeed rather than let it probe (and warn about) every accelerator.
+        env["DS_ACCELERATOR"] = "cpu"
         # One intra-op thread pool per worker, sized so the workers of a node share its
         # cores instead of oversubscribing them.
         env["OMP_NUM_THREADS"] = str(max(1, host.cpus // topo.procs_per_node))

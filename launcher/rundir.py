@@ -8,7 +8,8 @@ RUN_DIR/
   metrics.jsonl     one JSON object per logged step / evaluation (rank 0)
   tb/               TensorBoard event files
   checkpoints/      step-XXXXXXXX/ directories and the `latest` pointer
-  logs/rank-N.log   each rank's log; rank-N.status its last known state
+  logs/rank-N.log   each rank's log; rank-N.status its last known state;
+                    rank-N.lock held while the rank's process lives
 """
 
 from __future__ import annotations
@@ -47,12 +48,20 @@ def rank_status(run_dir: str | Path, rank: int) -> Path:
     A rank whose file still says `running` after its job ended was killed hard."""
     return Path(run_dir) / LOGS / f"rank-{rank}.status"
 
+
+def rank_lock(run_dir: str | Path, rank: int) -> Path:
+    """POSIX-locked by the rank's process for as long as it lives, so that a launcher on
+    the same host sees the moment a rank dies, even one killed too hard to say so."""
+    return Path(run_dir) / LOGS / f"rank-{rank}.lock"
+
+
 ENGINE_CONFIG = {"deepspeed": "ds_config.json", "accelerate": "accelerate.json"}
 
 
 def new_run_dir(root: str | Path, name: str, stamp: str) -> Path:
-    """RUN_ROOT/<name>-<stamp>, with a -2, -3... suffix if two runs share a second."""
-    base = Path(root) / f"{name}-{stamp}"
+    """RUN_ROOT/<name>-<stamp>, absolute (workers, `--resume` and other nodes may start
+    elsewhere), with a -2, -3... suffix if two runs share a second."""
+    base = Path(root).absolute() / f"{name}-{stamp}"
     candidate, n = base, 1
     while candidate.exists():
         n += 1

@@ -1,0 +1,176 @@
+"""`dlaunch`: the command line. Each subcommand imports what it needs when it runs, so
+`dlaunch --help`, `validate` and `plan` never import torch.
+
+Exit codes follow torchrun and sbatch: 0 success, 1 the job failed, 2 bad input,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from launcher import __version__
+from launcher.errors import EXIT_USAGE, UsageError
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser, *, optional: bool = False) -> None:
+    parser.add_argument("recipe", nargs="?" if optional else None, help="the recipe YAML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, e.g. --set optim.lr=3e-4 (repeatable; typed "
+                             "as YAML)")
+
+
+def _add_topology_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nodes", type=int, help="number of nodes (default: cluster.nodes)")
+    parser.add_argument("--procs-per-node", "--nproc-per-node", dest="procs_per_node", type=int,
+                        help="worker processes per node, one per GPU (default: cluster.procs_per_node)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dlaunch",
+        description="Turn one YAML recipe into a distributed DeepSpeed or Accelerate training job.",
+        epilog="Run `dlaunch COMMAND --help` for a command's options.")
+    parser.add_argument("--version", action="version", version=f"dlaunch {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="train a recipe, or launch a torchrun-style script",
+                              description="Train RECIPE on the chosen topology, or with --script "
+                                          "launch an ordinary torchrun-style script (arguments "
+                                          "for it after `--`).")
+    _add_recipe_args(run, optional=True)
+    _add_topology_args(run)
+    run.add_argument("--script", help="a torchrun-style training script to launch instead of the "
+                                      "built-in trainer")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue the run in RUN_DIR from its latest checkpoint")
+
+    plan = commands.add_parser("plan", help="print the launch plan without running anything")
+    _add_recipe_args(plan)
+    _add_topology_args(plan)
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    validate = commands.add_parser("validate", help="check a recipe without running it")
+    _add_recipe_args(validate)
+    _add_topology_args(validate)
+
+    explain = commands.add_parser("explain", help="document a recipe key, e.g. optim.scaling")
+    explain.add_argument("key")
+    return parser
+
+
+def _split_script_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Everything after the first `--` belongs to the user's script."""
+    if "--" in argv:
+        at = argv.index("--")
+        return argv[:at], argv[at + 1:]
+    return argv, []
+
+
+def _make_plan(args: argparse.Namespace, script_args: list[str], stamp: str):
+    """The plan, and where each recipe key came from (for errors found later)."""
+    from launcher.data.facts import describe
+    from launcher.host import detect_host
+    from launcher.models.target import check_target_importable
+    from launcher.plan import build_plan
+    from launcher.recipe import load_recipe, locate
+    from launcher.rundir import new_run_dir
+
+    recipe, source = load_recipe(args.recipe, args.overrides)
+    script = getattr(args, "script", None)
+    try:
+        data = None
+        if script is None:
+            data = describe(recipe.data)
+            if recipe.model.target is not None:
+                check_target_importable(recipe.model.target)
+        elif not Path(script).is_file():
+            raise UsageError(f"script {script!r} does not exist", key="--script")
+        run_dir = new_run_dir(recipe.logging.run_root, recipe.name, stamp)
+        plan = build_plan(recipe, host=detect_host(), data=data, run_dir=str(run_dir),
+                          nodes=args.nodes, procs_per_node=args.procs_per_node,
+                          script=str(Path(script).resolve()) if script else None,
+                          script_args=script_args)
+        return plan, source
+    except UsageError as err:
+        raise locate(err, source) from None
+
+
+def _cmd_validate(args: argparse.Namespace, _: list[str]) -> int:
+    _make_plan(args, [], "validate")
+    print(f"{args.recipe}: ok")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace, _: list[str]) -> int:
+    from launcher.plan import format_plan
+
+    plan, _ = _make_plan(args, [], time.strftime("%Y%m%d-%H%M%S"))
+    print(plan.to_json() if args.json else format_plan(plan), end="\n" if not args.json else "")
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace, _: list[str]) -> int:
+    from launcher.recipe import explain
+
+    print(explain(args.key))
+    return 0
+
+
+def _resumed_plan(run_dir: str):
+    from launcher.plan import LaunchPlan
+    from launcher.rundir import PLAN
+
+    plan_file = Path(run_dir) / PLAN
+    try:
+        return LaunchPlan.from_json(plan_file.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{str(plan_file)!r} does not exist; is {run_dir!r} a dlaunch run "
+                         "directory?", key="--resume") from None
+
+
+def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
+    from launcher import rundir
+
+    if args.resume:
+        if args.recipe or args.overrides or args.script or args.nodes or args.procs_per_node:
+            raise UsageError("--resume takes the run's own plan; give no recipe, --set, "
+                             "--script or topology flags with it", key="--resume")
+        plan = _resumed_plan(args.resume)
+        print(f"dlaunch: resuming {plan.run_dir}", file=sys.stderr)
+    else:
+        if args.recipe is None and args.script is None:
+            raise UsageError("give a recipe to train, or --script to launch", key="run")
+        from launcher.recipe import locate
+
+        plan, source = _make_plan(args, script_args, time.strftime("%Y%m%d-%H%M%S"))
+        try:
+            rundir.create(plan, sys.argv)
+        except UsageError as err:
+            raise locate(err, source) from None
+        print(f"dlaunch: run dir {plan.run_dir}", file=sys.stderr)
+
+    from cluster.local import LocalBackend
+
+    return LocalBackend().submit(plan).wait()
+
+
+_COMMANDS = {"run": _cmd_run, "plan": _cmd_plan, "validate": _cmd_validate, "explain": _cmd_explain}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    own, script_args = _split_script_args(argv)
+    args = _parser().parse_args(own)
+    try:
+        return _COMMANDS[args.command](args, script_args)
+    except UsageError as err:
+        print(err, file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training engines behind one small interface (base.Engine)."""

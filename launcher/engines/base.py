@@ -1,0 +1,86 @@
+"""The interface the trainer drives, whatever does the distributed work underneath.
+
+An engine owns the wrapped model, the optimizer and the LR schedule. The trainer hands
+it the micro-batches of one optimizer step; the engine does forward, backward,
+accumulation, clipping and the optimizer step the way its library wants them done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from launcher.plan import LaunchPlan
+from launcher.recipe import TrainConfig
+from launcher.schedules import LRSchedule, ScheduleShape
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    """Mean loss over the step's micro-batches on this rank (detached, float32)."""
+    grad_norm: float | None
+    """Global gradient norm before clipping, when the engine reports it."""
+
+
+class Engine(Protocol):
+    schedule: LRSchedule
+
+    def train_step(self, micro_batches: Sequence[Batch]) -> StepResult: ...
+
+    def predict(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits for ``inputs`` (eval mode, no grad). A collective under ZeRO-3 and
+        FSDP: every rank must call it the same number of times."""
+        ...
+
+    def save(self, directory: Path) -> None:
+        """Model, optimizer and loss-scaler state; called by every rank."""
+        ...
+
+    def load(self, directory: Path) -> None: ...
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The complete model weights in float32 (gathered when sharded); every rank
+        must call it, rank 0's result is the one to keep."""
+        ...
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for classification (B, C) and next-token prediction (B, T, V) alike,
+    computed in float32 whatever the training precision."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+
+def make_schedule(plan: LaunchPlan, optimizer: torch.optim.Optimizer) -> LRSchedule:
+    schedule, steps = plan.recipe.schedule, plan.training.steps
+    shape = ScheduleShape(name=schedule.name, total_steps=steps.total, warmup_steps=steps.warmup,
+                          min_lr_ratio=schedule.min_lr_ratio, restart_period=schedule.restart_period,
+                          restart_mult=schedule.restart_mult)
+    return LRSchedule(optimizer, shape, plateau_factor=schedule.plateau_factor,
+                      plateau_patience=schedule.plateau_patience, mode=monitor_mode(plan.recipe.train))
+
+
+def monitor_mode(train: TrainConfig) -> Literal["min", "max"]:
+    """min or max for ``train.monitor``; auto means up for accuracies."""
+    if train.monitor_mode != "auto":
+        return train.monitor_mode
+    return "max" if train.monitor.endswith("acc") else "min"
+
+
+def build_optimizer(plan: LaunchPlan, param_groups: list[dict], device: str) -> torch.optim.Optimizer:
+    """The torch optimizer, for engines (Accelerate) and optimizers (SGD under DeepSpeed)
+    that take one ready-made."""
+    optim = plan.recipe.optim
+    lr = plan.training.lr.scaled
+    if optim.name == "sgd":
+        return torch.optim.SGD(param_groups, lr=lr, momentum=optim.momentum, nesterov=True)
+    cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
+    # The fused kernel is CUDA-only; on CPU torch's foreach implementation is used.
+    return cls(param_groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps, fused=device == "cuda")

@@ -1,0 +1,78 @@
+"""DeepSpeed: ZeRO 0-3, CPU offload, bf16, and fp16 with DeepSpeed's own loss scaler.
+
+DeepSpeed does accumulation (``engine.step()`` after every micro-batch only steps the
+optimizer at the boundary), clipping and loss scaling from the config the planner
+wrote; this class only feeds it batches and moves its checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import deepspeed
+import torch
+
+from launcher.engines.base import Batch, StepResult, build_optimizer, loss_fn, make_schedule
+from launcher.models.build import param_groups
+from launcher.plan import LaunchPlan
+
+# DeepSpeed keeps its files in a tag folder inside the directory it is given.
+_TAG = "deepspeed"
+
+
+class DeepSpeedEngine:
+    def __init__(self, plan: LaunchPlan, model: torch.nn.Module) -> None:
+        training = plan.training
+        config = dict(training.engine.deepspeed)
+        groups = param_groups(model, plan.recipe.optim.weight_decay)
+        # Adam-family optimizers are built by DeepSpeed from the config; SGD has no
+        # config type there, so it is handed over ready-made.
+        client_optimizer = None if "optimizer" in config else build_optimizer(
+            plan, groups, plan.topology.device)
+        self.engine, _, _, self.schedule = deepspeed.initialize(
+            model=model, model_parameters=groups, optimizer=client_optimizer, config=config,
+            lr_scheduler=lambda optimizer: make_schedule(plan, optimizer))
+        self.device = self.engine.device
+        self.compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            training.engine.precision, torch.float32)
+
+    def _to_device(self, inputs: torch.Tensor) -> torch.Tensor:
+        inputs = inputs.to(self.device, non_blocking=True)
+        # DeepSpeed casts the model to bf16/fp16 but not its inputs; token ids stay ints.
+        return inputs.to(self.compute_dtype) if inputs.is_floating_point() else inputs
+
+    def train_step(self, micro_batches: Sequence[Batch]) -> StepResult:
+        self.engine.train()
+        total = torch.zeros((), device=self.device)
+        for inputs, targets in micro_batches:
+            loss = loss_fn(self.engine(self._to_device(inputs)), targets.to(self.device))
+            self.engine.backward(loss)  # scales by 1/accumulation itself
+            self.engine.step()
+            total += loss.detach()
+        norm = self.engine.get_global_grad_norm()
+        return StepResult(loss=total / len(micro_batches),
+                          grad_norm=None if norm is None else float(norm))
+
+    @torch.no_grad()
+    def predict(self, inputs: torch.Tensor) -> torch.Tensor:
+        self.engine.eval()
+        return self.engine(self._to_device(inputs))
+
+    def save(self, directory: Path) -> None:
+        # The LR schedule is saved by the trainer with the rest of its state.
+        self.engine.save_checkpoint(str(directory), tag=_TAG, save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory), tag=_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        module = self.engine.module
+        params = list(module.parameters())
+        # Under ZeRO-3 each rank holds a shard; GatheredParameters reassembles them
+        # for the duration of the block (a no-op for stages 0-2).
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}

@@ -1,0 +1,252 @@
+"""The training loop every rank runs: read it top to bottom.
+
+    resume from the latest checkpoint, if the run has one
+    for each optimizer step:
+        the step's micro-batches -> engine.train_step (accumulation, clipping, step)
+        gather the loss of every rank (the NaN/Inf guard, and the logged loss)
+        log / evaluate / early-stop / checkpoint on their schedules
+    save the final weights, print a summary
+
+Data order is a function of (seed, epoch) and the position in an epoch a function of
+the step, so a resumed run sees exactly the batches the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from launcher import checkpoint
+from launcher.data.datasets import Split, load_split
+from launcher.data.sampler import ResumableDistributedSampler
+from launcher.engines.base import Engine, monitor_mode
+from launcher.models.build import build_model
+from launcher.monitor import MetricsLog, Progress
+from launcher.plan import LaunchPlan
+
+log = logging.getLogger("launcher.trainer")
+
+# Fault injection for the resume and reliability tests: after finishing step K (and
+# its checkpoint, if one is due) the chosen rank kills itself with SIGKILL, exactly
+# as the OOM killer or a lost node would.
+KILL_AT_STEP = "DLAUNCH_FAULT_KILL_AT_STEP"
+KILL_RANK = "DLAUNCH_FAULT_KILL_RANK"
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def create_engine(plan: LaunchPlan, model: torch.nn.Module) -> Engine:
+    """Build the engine; this joins the process group."""
+    if plan.training.engine.name == "deepspeed":
+        import deepspeed
+
+        from launcher.engines.deepspeed import DeepSpeedEngine
+
+        deepspeed.init_distributed(dist_backend=plan.topology.dist_backend)
+        return DeepSpeedEngine(plan, model)
+    from launcher.engines.accelerate import AccelerateEngine
+
+    return AccelerateEngine(plan, model)
+
+
+def run_training(plan: LaunchPlan) -> None:
+    # DeepSpeed's ZeRO calls a torch collective that torch has deprecated; nothing a
+    # user can act on, printed by every rank at its first step.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    recipe, training = plan.recipe, plan.training
+    seed_everything(recipe.train.seed)  # the same initial weights on every rank
+    split = load_split(recipe.data, training.data)
+    model = build_model(recipe.model, training.data)
+    engine = create_engine(plan, model)
+    seed_everything(recipe.train.seed + dist.get_rank())  # per-rank dropout and augmentation
+    Trainer(plan, engine, split).fit()
+
+
+class Trainer:
+    def __init__(self, plan: LaunchPlan, engine: Engine, split: Split) -> None:
+        self.plan = plan
+        self.engine = engine
+        self.run_dir = Path(plan.run_dir)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.steps, self.batch = plan.training.steps, plan.training.batch
+        self.cfg = plan.recipe.train
+        self.mode = monitor_mode(self.cfg)
+        self.sampler = ResumableDistributedSampler(
+            len(split.train), rank=self.rank, world_size=self.world, micro_batch=self.batch.micro,
+            batches_per_step=self.batch.grad_accum, seed=self.cfg.seed)
+        # A generator of its own: creating a DataLoader iterator draws a worker seed,
+        # which from the global RNG would shift dropout after every resume.
+        self.loader = DataLoader(split.train, batch_sampler=self.sampler,
+                                 num_workers=plan.recipe.data.num_workers,
+                                 pin_memory=plan.topology.device == "cuda",
+                                 generator=torch.Generator().manual_seed(self.cfg.seed + self.rank))
+        self.val = split.val
+        self.step = 0
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.bad_evals = 0
+        self.stopped_early = False
+        self.last_eval: dict[str, float] = {}
+        self.metrics = MetricsLog(self.run_dir, tensorboard=plan.recipe.logging.tensorboard) \
+            if self.rank == 0 else None
+        kill_at = os.environ.get(KILL_AT_STEP)
+        self.kill_at = int(kill_at) if kill_at and int(os.environ.get(KILL_RANK, "0")) == self.rank else None
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def fit(self) -> None:
+        self._resume()
+        total, per_epoch, accum = self.steps.total, self.steps.per_epoch, self.batch.grad_accum
+        progress = Progress(total, self.step, self.rank == 0 and self.plan.recipe.logging.progress)
+        started, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
+        first_step = self.step
+        while self.step < total and not self.stopped_early:
+            epoch, step_in_epoch = divmod(self.step, per_epoch)
+            self.sampler.set_epoch(epoch, start_batch=step_in_epoch * accum)
+            batches = iter(self.loader)
+            for _ in range(step_in_epoch, per_epoch):
+                result = self.engine.train_step([next(batches) for _ in range(accum)])
+                self.step += 1
+                loss = self._mean_loss_of_all_ranks(result.loss)
+                window_steps += 1
+                lr = self.engine.schedule.get_last_lr()[0]
+                samples_per_s = window_steps * self.batch.global_ / (time.perf_counter() - window_start)
+                progress.update({"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "samples/s": f"{samples_per_s:.0f}"})
+                if self.step % self.steps.log_every == 0 or self.step == total:
+                    self._record("train", {"epoch": epoch, "loss": loss, "lr": lr,
+                                           "grad_norm": result.grad_norm, "samples_per_s": samples_per_s})
+                    window_start, window_steps = time.perf_counter(), 0
+                if self.step % self.steps.eval_every == 0 or self.step == total:
+                    self._evaluate()
+                if self.step % self.steps.checkpoint_every == 0 or self.step == total or self.stopped_early:
+                    self._checkpoint()
+                if self.step == self.kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if self.step == total or self.stopped_early:
+                    break
+        progress.close()
+        self._finish(time.perf_counter() - started, self.step - first_step)
+
+    # -- pieces of a step -------------------------------------------------------------
+
+    def _mean_loss_of_all_ranks(self, loss: torch.Tensor) -> float:
+        """Gather every rank's loss: the logged loss is their mean, and a NaN or Inf on
+        any rank stops the run before it can reach a checkpoint."""
+        losses = [torch.zeros_like(loss) for _ in range(self.world)]
+        dist.all_gather(losses, loss)
+        values = [float(v) for v in losses]
+        bad = [rank for rank, value in enumerate(values) if not math.isfinite(value)]
+        if bad:
+            good = checkpoint.latest(self.run_dir)
+            raise NonFiniteLoss(f"step {self.step}: loss is {values[bad[0]]} on rank(s) {bad}; "
+                                f"the last good checkpoint is {good.name if good else 'none'}")
+        return sum(values) / self.world
+
+    @torch.no_grad()
+    def _evaluate(self) -> None:
+        """Loss and accuracy on the validation split, sharded over ranks. Every rank
+        runs the same number of batches (padded rows weigh zero): under ZeRO-3 and FSDP
+        a forward pass is a collective."""
+        inputs, targets = self.val.tensors
+        if len(inputs) == 0:
+            return
+        per_rank = math.ceil(len(inputs) / self.world)
+        index = torch.arange(self.rank, per_rank * self.world, self.world)
+        weight = (index < len(inputs)).float()
+        index = index.clamp(max=len(inputs) - 1)
+        sums = torch.zeros(3, dtype=torch.float64)
+        for rows in torch.arange(per_rank).split(self.batch.micro):
+            logits = self.engine.predict(inputs[index[rows]]).float().cpu()
+            y = targets[index[rows]]
+            flat = logits.reshape(-1, logits.shape[-1])
+            per_sample_loss = F.cross_entropy(flat, y.reshape(-1), reduction="none").view(len(rows), -1).mean(1)
+            per_sample_acc = (flat.argmax(-1) == y.reshape(-1)).float().view(len(rows), -1).mean(1)
+            w = weight[rows]
+            sums += torch.stack([(per_sample_loss * w).sum(), (per_sample_acc * w).sum(), w.sum()]).double()
+        device_sums = sums.to(self._collective_device())
+        dist.all_reduce(device_sums)
+        loss_sum, acc_sum, count = device_sums.cpu().tolist()
+        self.last_eval = {"val_loss": loss_sum / count, "val_acc": acc_sum / count}
+        self._record("eval", self.last_eval)
+        self._track(self.last_eval[self.cfg.monitor])
+
+    def _collective_device(self) -> torch.device:
+        # NCCL reduces CUDA tensors only; gloo reduces CPU tensors.
+        return torch.device("cuda", torch.cuda.current_device()) \
+            if self.plan.topology.dist_backend == "nccl" else torch.device("cpu")
+
+    def _track(self, value: float) -> None:
+        """Best value, reduce-on-plateau and early stopping on the monitored metric."""
+        self.engine.schedule.on_eval(value)
+        delta = self.cfg.early_stopping.min_delta
+        improved = self.best is None or (
+            value < self.best - delta if self.mode == "min" else value > self.best + delta)
+        if improved:
+            self.best, self.best_step, self.bad_evals = value, self.step, 0
+            return
+        self.bad_evals += 1
+        patience = self.cfg.early_stopping.patience
+        if patience is not None and self.bad_evals >= patience:
+            self.stopped_early = True
+            self._record("early_stop", {"monitor": self.cfg.monitor, "best": self.best,
+                                        "best_step": self.best_step})
+
+    def _checkpoint(self) -> None:
+        state = {"step": self.step, "best": self.best, "best_step": self.best_step,
+                 "bad_evals": self.bad_evals, "stopped_early": self.stopped_early,
+                 "schedule": self.engine.schedule.state_dict()}
+        path = checkpoint.save(self.run_dir, self.step, self.engine, state, self.cfg.keep_last)
+        log.info("checkpoint %s", path.name)
+
+    def _resume(self) -> None:
+        latest = checkpoint.latest(self.run_dir)
+        if latest is None:
+            return
+        state = checkpoint.load(latest, self.engine)
+        self.engine.schedule.load_state_dict(state["schedule"])
+        self.step, self.best, self.best_step = state["step"], state["best"], state["best_step"]
+        self.bad_evals, self.stopped_early = state["bad_evals"], state["stopped_early"]
+        self._record("resume", {"checkpoint": latest.name})
+        log.info("resumed from %s at step %d", latest.name, self.step)
+
+    def _record(self, kind: str, values: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(kind, self.step, values)
+
+    def _finish(self, seconds: float, steps_run: int) -> None:
+        weights = self.engine.full_state_dict()  # a collective under ZeRO-3
+        if self.rank != 0:
+            return
+        torch.save(weights, self.run_dir / "model.pt")
+        samples_per_s = steps_run * self.batch.global_ / seconds if seconds > 0 else 0.0
+        summary = {"steps": self.step, "seconds": round(seconds, 2), "samples_per_s": samples_per_s,
+                   **self.last_eval, "best": self.best, "best_step": self.best_step,
+                   "stopped_early": self.stopped_early}
+        self._record("summary", summary)
+        self.metrics.close()
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items())
+        best = f" (best {self.cfg.monitor} {self.best:.4f} at step {self.best_step})" if self.best is not None else ""
+        why = "stopped early" if self.stopped_early else "done"
+        print(f"dlaunch: {why}: {self.step} steps in {seconds:.1f}s, {samples_per_s:.0f} samples/s"
+              f"{'; ' + scores if scores else ''}{best}; run dir {self.run_dir}", file=sys.stderr)

@@ -1,0 +1,74 @@
+"""Resume is exact: N steps straight, and N/2 steps + SIGKILL + `--resume` N/2 steps, end
+with identical weights (fp32, CPU). The resumed half crosses an epoch boundary, so a
+resume that replays the wrong epoch's order (huggingface/accelerate#2823, #2016) fails
+here; dropout makes the per-rank RNG state matter too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import dlaunch, metrics, only_run_dir
+
+pytestmark = pytest.mark.integration
+
+# 400 rows, 80 held out: 320 train / (16 x 2 ranks) = 10 steps an epoch. N = 16: the run
+# is killed after step 8 and resumes into epoch 1 at step 10.
+RECIPE = """
+name: resume
+model: {{name: mlp, kwargs: {{hidden: [32], dropout: 0.1}}}}
+data: {{source: synthetic, samples: 400, num_features: 8, num_classes: 3, val_fraction: 0.2}}
+optim: {{lr: 1.0e-2}}
+schedule: {{name: cosine, warmup_steps: 3}}
+engine: {{name: {engine}, zero_stage: {stage}}}
+precision: {{dtype: fp32}}
+train: {{micro_batch_size: 16, max_steps: 16, eval_every: 4, checkpoint_every: 4, keep_last: 2,
+        early_stopping: {{patience: null}}}}
+logging: {{run_root: {root}, progress: false}}
+"""
+KILL_AFTER = 8
+
+
+def run(tmp_path, name: str, engine: str, stage: int, env: dict | None = None):
+    root = tmp_path / name
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(RECIPE.format(engine=engine, stage=stage, root=root))
+    result = dlaunch("run", str(recipe), "--procs-per-node", "2", env=env)
+    return result, only_run_dir(root)
+
+
+@pytest.mark.parametrize("engine,stage", [("deepspeed", 2), ("deepspeed", 3), ("accelerate", 0)])
+def test_killed_and_resumed_run_ends_with_identical_weights(tmp_path, engine, stage):
+    straight, straight_dir = run(tmp_path, "straight", engine, stage)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    killed, run_dir = run(tmp_path, "resumed", engine, stage,
+                          env={"DLAUNCH_FAULT_KILL_AT_STEP": str(KILL_AFTER)})
+    assert killed.returncode != 0
+    assert "rank 0" in killed.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{KILL_AFTER:08d}"
+    assert not (run_dir / "model.pt").exists()
+
+    resumed = dlaunch("run", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    [resume] = metrics(run_dir, "resume")
+    assert resume["step"] == KILL_AFTER
+
+    expected = torch.load(straight_dir / "model.pt")
+    actual = torch.load(run_dir / "model.pt")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), f"{name} differs after resume"
+    # The same evaluation at the end, to the last bit.
+    assert metrics(run_dir, "summary")[-1]["val_loss"] == metrics(straight_dir, "summary")[-1]["val_loss"]
+
+
+def test_resume_without_a_checkpoint_starts_from_step_zero_and_finishes(tmp_path):
+    """A run killed before its first checkpoint has nothing to resume: it starts over."""
+    killed, run_dir = run(tmp_path, "early", "deepspeed", 2, env={"DLAUNCH_FAULT_KILL_AT_STEP": "2"})
+    assert killed.returncode != 0
+    assert not (run_dir / "checkpoints" / "latest").exists()
+    resumed = dlaunch("run", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert metrics(run_dir, "resume") == []
+    assert metrics(run_dir, "summary")[-1]["steps"] == 16
