@@ -216,6 +216,11 @@ def _engine(recipe: Recipe, topo: Topology, batch: BatchPlan, lr: float) -> Engi
             raise UsageError(f"ZeRO stage {stage} shards model state, which DDP does not; use "
                              "engine.name deepspeed, or engine.strategy fsdp", key="engine.zero_stage")
     else:
+        if topo.device == "cpu":
+            # Accelerate switches to FSDP only for GPU-family devices; on CPU it would
+            # silently fall back to plain data parallelism.
+            raise UsageError("Accelerate runs FSDP on GPUs only; on CPU shard with engine.name "
+                             "deepspeed and zero_stage 3", key="engine.strategy")
         stage = 3 if engine.zero_stage is None else engine.zero_stage
         if stage not in (2, 3):
             raise UsageError(f"FSDP shards like ZeRO 2 (SHARD_GRAD_OP) or 3 (FULL_SHARD), not "

@@ -34,11 +34,15 @@ _FLOAT_12 = re.compile(
 )
 _INT = re.compile(r"^[-+]?[0-9]+$")
 
-# Replace the YAML 1.1 float resolver so that "1e-3" is a float but "10" stays an int.
+# Replace the YAML 1.1 float and bool resolvers with YAML 1.2's: "1e-3" is a float, and
+# only true/false are booleans, so `name: off` or `country: no` stay strings.
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:float"]
+    first: [(tag, rx) for tag, rx in resolvers
+            if tag not in ("tag:yaml.org,2002:float", "tag:yaml.org,2002:bool")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 def _float_but_not_int(value: str) -> bool:

@@ -7,6 +7,7 @@ the last micro-batch.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from accelerate.utils import DistributedDataParallelKwargs, FullyShardedDataPara
 from launcher.engines.base import Batch, StepResult, build_optimizer, loss_fn, make_schedule
 from launcher.models.build import param_groups
 from launcher.plan import LaunchPlan
+
+log = logging.getLogger(__name__)
 
 
 def _accelerator(kwargs: dict, plan: LaunchPlan) -> Accelerator:
@@ -47,6 +50,9 @@ class AccelerateEngine:
         optimizer = build_optimizer(plan, groups, plan.topology.device)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.schedule = make_schedule(plan, self.optimizer.optimizer)
+        log.info("accelerate: %s, mixed precision %s, %d accumulation steps",
+                 self.accelerator.distributed_type.value, self.accelerator.mixed_precision,
+                 self.accelerator.gradient_accumulation_steps)
 
     def train_step(self, micro_batches: Sequence[Batch]) -> StepResult:
         self.model.train()

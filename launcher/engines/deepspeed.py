@@ -7,6 +7,7 @@ wrote; this class only feeds it batches and moves its checkpoints.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import torch
 from launcher.engines.base import Batch, StepResult, build_optimizer, loss_fn, make_schedule
 from launcher.models.build import param_groups
 from launcher.plan import LaunchPlan
+
+log = logging.getLogger(__name__)
 
 # DeepSpeed keeps its files in a tag folder inside the directory it is given.
 _TAG = "deepspeed"
@@ -36,6 +39,8 @@ class DeepSpeedEngine:
         self.device = self.engine.device
         self.compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             training.engine.precision, torch.float32)
+        log.info("deepspeed: ZeRO stage %d, %s, optimizer %s", self.engine.zero_optimization_stage(),
+                 training.engine.precision, type(self.engine.optimizer).__name__)
 
     def _to_device(self, inputs: torch.Tensor) -> torch.Tensor:
         inputs = inputs.to(self.device, non_blocking=True)

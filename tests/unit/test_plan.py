@@ -107,6 +107,17 @@ def test_zero3_with_accelerate_ddp_is_refused():
     assert "fsdp" in err.message
 
 
+def test_fsdp_on_cpu_is_refused_rather_than_silently_ddp():
+    assert refusal(recipe(engine={"name": "accelerate", "strategy": "fsdp"})).key == "engine.strategy"
+
+
+def test_fsdp_on_gpus_maps_zero_stage_to_a_sharding_strategy():
+    p = plan(recipe(engine={"name": "accelerate", "strategy": "fsdp", "zero_stage": 2},
+                    precision={"dtype": "fp16"}), host=GPU, data=BIG, procs=8)
+    assert p.training.engine.accelerate["fsdp"] == {"sharding_strategy": "SHARD_GRAD_OP"}
+    assert p.training.engine.accelerate["cpu"] is False
+
+
 def test_parameter_offload_needs_zero3():
     assert refusal(recipe(engine={"zero_stage": 2, "offload_params": True})).key == "engine.offload_params"
 

@@ -33,6 +33,12 @@ def test_scientific_notation_without_a_dot_is_a_float(tmp_path):
     assert recipe.optim.lr == pytest.approx(3e-4)
 
 
+def test_only_true_and_false_are_booleans(tmp_path):
+    recipe, _ = load_recipe(write(tmp_path, "name: off\nlogging:\n  tensorboard: false\n"))
+    assert recipe.name == "off"
+    assert recipe.logging.tensorboard is False
+
+
 def test_unknown_key_names_path_line_and_suggestion(tmp_path):
     message = error_of(write(tmp_path, "name: a\noptim:\n  lr: 0.1\n  wieght_decay: 0.1\n"))
     assert message == "error: optim.wieght_decay (line 4): unknown key; did you mean 'weight_decay'?"
