@@ -1,0 +1,178 @@
+"""What every rank runs: ``python -m launcher.worker RUN_DIR``, started by a torch elastic
+agent on every backend.
+
+It gives the rank its log and status files, then runs the user's script exactly as
+torchrun would, or the built-in trainer. The status file is how a launcher learns, after
+the fact, which rank failed and why (format in launcher/rundir.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import faulthandler
+import logging
+import os
+import runpy
+import signal
+import sys
+import traceback
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import IO
+
+from launcher.plan import LaunchPlan, ScriptPlan
+from launcher.rundir import PLAN, rank_lock, rank_log, rank_status
+
+log = logging.getLogger("launcher")
+
+# Signals a launcher stops a job with. torch elastic forwards the one its agent got.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_LAUNCHER_FILES = {__file__, runpy.__file__, "<frozen runpy>"}
+
+
+def write_status(run_dir: Path, rank: int, state: str) -> None:
+    """Through a temporary file and a rename, so a reader never sees half a line."""
+    path = rank_status(run_dir, rank)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(state + "\n")
+    os.replace(tmp, path)
+
+
+def _describe(exc: BaseException) -> str:
+    """`ExcType: first line of the message`: the status is one line; the log has the rest."""
+    message = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {message[0]}" if message else type(exc).__name__
+
+
+def _die_with_agent() -> None:
+    """Have the kernel SIGKILL this rank when its agent dies.
+
+    torch elastic starts each worker in a session of its own, so a signal to the agent's
+    process group never reaches it; without this, an agent killed hard leaves its
+    workers running, holding ports and cores.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    agent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != agent:  # the agent died before the request took effect
+        os._exit(128 + signal.SIGKILL)
+
+
+def _log_to_file(run_dir: Path, rank: int) -> None:
+    """Every rank logs to logs/rank-N.log: `logging` records and fatal-signal tracebacks
+    (faulthandler). Ranks other than 0 send stdout and stderr there too, at the
+    file-descriptor level so that C++ output (a gloo or NCCL abort) lands in the file;
+    rank 0 keeps the terminal for its progress bar."""
+    path = rank_log(run_dir, rank)
+    if rank != 0:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s rank {rank} %(name)s %(levelname)s: %(message)s"))
+    # Our INFO, everyone's WARNING: libraries' INFO chatter (DeepSpeed's op builds log
+    # compiler command lines) would crowd out the lines a failure report shows.
+    logging.getLogger().addHandler(handler)
+    log.setLevel(logging.INFO)
+    faulthandler.enable(open(path, "a"))  # noqa: SIM115 (it keeps the file open)
+
+
+def _hold_life_lock(run_dir: Path, rank: int) -> IO[str]:
+    """Lock logs/rank-N.lock until this process ends; the returned file must stay open.
+
+    A POSIX lock, not flock(): forked children (DataLoader workers) do not inherit it,
+    so it goes the instant this process dies, however it dies.
+    """
+    lock = open(rank_lock(run_dir, rank), "w")  # noqa: SIM115
+    try:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RuntimeError(f"another process already runs rank {rank} of {run_dir}") from None
+    except OSError as exc:  # a file system without POSIX locks (Lustre without -o flock)
+        log.warning("cannot lock %s (%s); a launcher cannot watch this rank", lock.name, exc)
+    return lock
+
+
+def _stop_on_signal(run_dir: Path, rank: int) -> None:
+    def stop(signum: int, frame: FrameType | None) -> None:
+        write_status(run_dir, rank, f"terminated: {signal.Signals(signum).name}")
+        log.warning("stopped by %s", signal.Signals(signum).name)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Exit now rather than raise into the training code, where an `except
+        # BaseException` or a teardown collective could keep the rank alive.
+        os._exit(128 + signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, stop)
+
+
+def run_script(script: ScriptPlan) -> None:
+    """Run ``script`` as ``__main__`` the way ``python script.py args`` (and so torchrun)
+    does: argv from the plan, the script's directory first on sys.path."""
+    path = os.path.abspath(script.path)
+    sys.argv = [script.path, *script.args]
+    sys.path.insert(0, os.path.dirname(path))
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+
+
+def _run(plan: LaunchPlan) -> None:
+    if plan.script is not None:
+        run_script(plan.script)
+    else:
+        from launcher.trainer import run_training
+        run_training(plan)
+
+
+def _user_traceback(exc: BaseException) -> TracebackType | None:
+    """The traceback from the first frame outside this module and runpy, as `python
+    script.py` would print it: the log tail in a failure report is the user's code."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename in _LAUNCHER_FILES:
+        tb = tb.tb_next
+    return tb or exc.__traceback__
+
+
+def _exit_code(exc: BaseException) -> int:
+    if isinstance(exc, SystemExit) and isinstance(exc.code, int):
+        return exc.code
+    return 1
+
+
+def main(run_dir: Path) -> int:
+    # torchrun calls the node GROUP_RANK; its static rendezvous and Slurm also export
+    # NODE_RANK, the c10d rendezvous does not. The rendezvous' answer is the one to trust.
+    os.environ["NODE_RANK"] = os.environ["GROUP_RANK"]
+    rank = int(os.environ["RANK"])
+    _die_with_agent()
+    _log_to_file(run_dir, rank)
+    _life_lock = _hold_life_lock(run_dir, rank)  # held until main returns, status final
+    _stop_on_signal(run_dir, rank)
+    write_status(run_dir, rank, "running")
+    log.info("rank %d of %s on node %s, pid %d", rank, os.environ["WORLD_SIZE"],
+             os.environ["NODE_RANK"], os.getpid())
+    try:
+        _run(LaunchPlan.from_json((run_dir / PLAN).read_text()))
+    except BaseException as exc:
+        exc_info = (type(exc), exc, _user_traceback(exc))
+        log.error("rank %d failed", rank, exc_info=exc_info)  # into the rank's log
+        if rank == 0:
+            traceback.print_exception(*exc_info)  # and onto the terminal rank 0 kept
+        write_status(run_dir, rank, f"failed: {_describe(exc)}")
+        return _exit_code(exc)
+    write_status(run_dir, rank, "done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))

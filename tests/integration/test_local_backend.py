@@ -1,0 +1,242 @@
+"""The local backend: real torch elastic agents, a real c10d rendezvous, real workers.
+
+Every job here is a small torchrun-style script written into the test's directory.
+A job that hangs would hang the suite, so every wait() runs under a watchdog that
+fails the test instead, and every job is cancelled when its test ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.local import LocalBackend, LocalJob
+from launcher.plan import HostFacts, LaunchPlan, build_plan
+from launcher.recipe import Recipe
+from launcher.rundir import LOGS, PLAN, rank_status
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+HANG_S = 120
+"""Far beyond any job here: reaching it means a hang, not a slow machine."""
+
+PRELUDE = """\
+import json, os, signal, sys, time
+from pathlib import Path
+import torch, torch.distributed as dist
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+out = Path(sys.argv[1])
+"""
+
+
+def make_plan(tmp_path: Path, body: str, nodes: int, procs: int,
+              args: tuple[str, ...] = ()) -> LaunchPlan:
+    """A plan for ``body`` (after PRELUDE) with its run dir made as the CLI makes it.
+    The script's first argument is an output directory for what the ranks report."""
+    script = tmp_path / "job.py"
+    script.write_text(PRELUDE + body)
+    out = tmp_path / "out"
+    out.mkdir()
+    plan = build_plan(Recipe(), host=HostFacts(has_cuda=False, cpus=2, hostname="h"), data=None,
+                      run_dir=str(tmp_path / "run"), nodes=nodes, procs_per_node=procs,
+                      script=str(script), script_args=[str(out), *args])
+    (tmp_path / "run" / LOGS).mkdir(parents=True)
+    (tmp_path / "run" / PLAN).write_text(plan.to_json())
+    return plan
+
+
+@pytest.fixture
+def submit():
+    """LocalBackend().submit, with whatever a failed test leaves running cancelled."""
+    jobs: list[LocalJob] = []
+
+    def submit(plan: LaunchPlan) -> LocalJob:
+        jobs.append(LocalBackend().submit(plan))
+        return jobs[-1]
+
+    yield submit
+    for job in jobs:
+        job.cancel()
+
+
+def wait(job: LocalJob) -> int:
+    result: list[int] = []
+    waiter = threading.Thread(target=lambda: result.append(job.wait()), daemon=True)
+    waiter.start()
+    waiter.join(HANG_S)
+    if waiter.is_alive():
+        pytest.fail(f"wait() still blocked after {HANG_S}s: the job hangs")
+    return result[0]
+
+
+def wait_until_running(plan: LaunchPlan, out: Path) -> list[dict]:
+    """Block until every rank is `running` and has written out/pids-R.json; its contents."""
+    world = plan.topology.world_size
+    deadline = time.monotonic() + HANG_S
+    while time.monotonic() < deadline:
+        statuses = [rank_status(plan.run_dir, r) for r in range(world)]
+        pid_files = [out / f"pids-{r}.json" for r in range(world)]
+        if all(p.exists() for p in pid_files) and all(
+                s.exists() and s.read_text().strip() == "running" for s in statuses):
+            return [json.loads(p.read_text()) for p in pid_files]
+        time.sleep(0.1)
+    pytest.fail("the ranks never all reported running")
+
+
+def gone(pid: int) -> bool:
+    """Dead: no such process, or a zombie (an orphan waits for init to reap it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+REPORT_ENV = """\
+t = torch.tensor([rank])
+dist.all_reduce(t)
+keys = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"]
+report = {k: os.environ[k] for k in keys}
+report.update(sum=int(t), argv=sys.argv)
+(out / f"rank-{rank}.json").write_text(json.dumps(report))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("nodes,procs", [(1, 2), (2, 1), (2, 2)], ids=["1x2", "2x1", "2x2"])
+def test_every_rank_gets_torchrun_env_joins_the_group_and_gets_the_script_args(
+        tmp_path, submit, nodes, procs):
+    plan = make_plan(tmp_path, REPORT_ENV, nodes, procs, args=("--lr", "0.1", "a b"))
+    job = submit(plan)
+    assert wait(job) == 0
+    assert job.status() == "COMPLETED"
+    world = nodes * procs
+    reports = [json.loads((tmp_path / "out" / f"rank-{r}.json").read_text()) for r in range(world)]
+    for rank, env in enumerate(reports):
+        assert int(env["RANK"]) == rank
+        assert int(env["WORLD_SIZE"]) == world
+        assert int(env["NODE_RANK"]) * procs + int(env["LOCAL_RANK"]) == rank
+        assert env["sum"] == sum(range(world))
+        assert env["argv"] == [str(tmp_path / "job.py"), str(tmp_path / "out"), "--lr", "0.1", "a b"]
+        assert rank_status(plan.run_dir, rank).read_text() == "done\n"
+    assert {(env["MASTER_ADDR"], env["MASTER_PORT"]) for env in reports} == {
+        ("127.0.0.1", reports[0]["MASTER_PORT"])}
+
+
+def test_a_rank_that_raises_is_named_with_its_traceback_and_its_peer_does_not_hang(
+        tmp_path, submit, capfd):
+    # Rank 0 waits in a barrier rank 1 never reaches; on another node, so the backend
+    # must stop a second agent.
+    plan = make_plan(tmp_path, """\
+if rank == 1:
+    raise ValueError("bad batch on rank 1")
+dist.barrier()
+""", nodes=2, procs=1)
+    job = submit(plan)
+    assert wait(job) == 1
+    assert job.status() == "FAILED"
+    err = capfd.readouterr().err
+    assert "error: rank 1 (node 1, local rank 0) failed: ValueError: bad batch on rank 1" in err
+    report = err[err.index("error: rank 1"):]
+    assert 'raise ValueError("bad batch on rank 1")' in report  # the tail of its log
+    assert "failed: ValueError" in rank_status(plan.run_dir, 1).read_text()
+
+
+def test_a_rank_killed_hard_is_named_though_its_peer_fails_after_it(tmp_path, submit, capfd):
+    # Rank 0's barrier fails with a gloo error when rank 1 dies, so rank 0 also says
+    # `failed`; the report still names rank 1, which had no chance to say anything.
+    plan = make_plan(tmp_path, """\
+if rank == 1:
+    os.kill(os.getpid(), signal.SIGKILL)
+dist.barrier()
+""", nodes=1, procs=2)
+    job = submit(plan)
+    assert wait(job) == 1
+    err = capfd.readouterr().err
+    assert "error: rank 1 (node 0, local rank 1) failed: " in err
+    assert "SIGKILL" in err[err.index("error: rank 1"):].splitlines()[0]
+    assert rank_status(plan.run_dir, 1).read_text() == "running\n"
+
+
+SLEEP = """\
+(out / f"pids-{rank}.json").write_text(json.dumps({"worker": os.getpid(), "agent": os.getppid()}))
+time.sleep(600)
+"""
+
+
+def test_cancel_stops_every_agent_and_worker(tmp_path, submit):
+    plan = make_plan(tmp_path, SLEEP, nodes=2, procs=1)
+    job = submit(plan)
+    pids = wait_until_running(plan, tmp_path / "out")
+    threading.Thread(target=job.cancel).start()
+    assert wait(job) == 128 + signal.SIGTERM  # once the cancel is done
+    assert job.status() == "CANCELLED"
+    for rank, p in enumerate(pids):
+        assert gone(p["worker"]) and gone(p["agent"])
+        assert rank_status(plan.run_dir, rank).read_text() == "terminated: SIGTERM\n"
+
+
+def test_cancel_stops_ranks_stuck_in_a_collective(tmp_path, submit):
+    # Blocked in C++, a rank runs no Python signal handler: its agent SIGKILLs it.
+    plan = make_plan(tmp_path, """\
+(out / f"pids-{rank}.json").write_text(json.dumps({"worker": os.getpid(), "agent": os.getppid()}))
+if rank == 0:
+    dist.all_reduce(torch.ones(1))  # which rank 1 never joins
+else:
+    dist.recv(torch.ones(1), src=0)  # which rank 0 never sends
+""", nodes=1, procs=2)
+    job = submit(plan)
+    pids = wait_until_running(plan, tmp_path / "out")
+    job.cancel()
+    assert job.status() == "CANCELLED"
+    for p in pids:
+        assert gone(p["worker"]) and gone(p["agent"])
+
+
+def test_a_node_agent_killed_hard_takes_its_workers_and_the_job_down(tmp_path, submit, capfd):
+    plan = make_plan(tmp_path, SLEEP, nodes=2, procs=1)
+    job = submit(plan)
+    pids = wait_until_running(plan, tmp_path / "out")
+    os.kill(pids[1]["agent"], signal.SIGKILL)
+    assert wait(job) == 1
+    assert "error: rank 1 (node 1, local rank 0) failed: " in capfd.readouterr().err
+    for p in pids:
+        assert gone(p["worker"]) and gone(p["agent"])
+
+
+CLI = """\
+import sys
+from cluster.local import LocalBackend
+from launcher.plan import LaunchPlan
+plan = LaunchPlan.from_json(open(sys.argv[1]).read())
+sys.exit(LocalBackend().submit(plan).wait())
+"""
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                         ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_launcher_stops_the_job(tmp_path, sig, code):
+    """Ctrl-C (or a SIGTERM) to the launching process: the job stops, nothing stays."""
+    plan = make_plan(tmp_path, SLEEP, nodes=1, procs=2)
+    launcher = subprocess.Popen([sys.executable, "-c", CLI, str(Path(plan.run_dir) / PLAN)],
+                                cwd=REPO)
+    try:
+        pids = wait_until_running(plan, tmp_path / "out")
+        launcher.send_signal(sig)
+        assert launcher.wait(HANG_S) == code
+    finally:
+        launcher.terminate()  # no-op when it has ended; else it stops its job
+        launcher.wait(HANG_S)
+    for p in pids:
+        assert gone(p["worker"]) and gone(p["agent"])
