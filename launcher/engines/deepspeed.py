@@ -39,8 +39,9 @@ class DeepSpeedEngine:
         self.device = self.engine.device
         self.compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             training.engine.precision, torch.float32)
-        log.info("deepspeed: ZeRO stage %d, %s, optimizer %s", self.engine.zero_optimization_stage(),
-                 training.engine.precision, type(self.engine.optimizer).__name__)
+        log.info("deepspeed: ZeRO stage %d, %s, optimizer %s in %s", self.engine.zero_optimization_stage(),
+                 training.engine.precision, type(self.engine.basic_optimizer).__name__,
+                 type(self.engine.optimizer).__name__)
 
     def _to_device(self, inputs: torch.Tensor) -> torch.Tensor:
         inputs = inputs.to(self.device, non_blocking=True)
