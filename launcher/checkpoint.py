@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from launcher.engines.base import Engine
-from launcher.rundir import CHECKPOINTS
+from launcher.rundir import CHECKPOINTS, write_atomic
 
 LATEST = "latest"
 TRAINER_STATE = "trainer.json"
@@ -46,15 +46,6 @@ def _fsync_tree(root: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -98,7 +89,7 @@ def save(run_dir: str | Path, step: int, engine: Engine, trainer_state: dict[str
         _fsync_tree(staging)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(staging, final)
-        _write_atomic(root / LATEST, final.name)
+        write_atomic(root / LATEST, final.name)
         _prune(root, keep_last)
     dist.barrier()
     return final

@@ -18,8 +18,6 @@ from launcher.engine_config import accelerate_kwargs, deepspeed_config
 from launcher.errors import UsageError
 from launcher.recipe import Recipe
 
-PLAN_FILE = "plan.json"
-
 
 class _Value(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -19,8 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from launcher.errors import UsageError
 from launcher.yamlio import KeyPath, SourceMap, apply_override, load_yaml, parse_override
 
-BUILTIN_MODELS = ("mlp", "cnn", "gpt")
-
 
 class Section(BaseModel):
     # strict: "8" is not an int and "yes" is not a bool; extra="forbid": a typo is an

@@ -110,11 +110,18 @@ def _git_state() -> dict[str, Any] | None:
     return {"sha": sha, "dirty": dirty}
 
 
-def _write(path: Path, text: str) -> None:
+def write_durably(path: Path, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Through a temporary file and a rename: a reader sees the old text or the new."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    write_durably(temporary, text)
+    os.replace(temporary, path)
 
 
 def create(plan: LaunchPlan, argv: list[str]) -> Path:
@@ -127,13 +134,13 @@ def create(plan: LaunchPlan, argv: list[str]) -> Path:
     try:
         staging.mkdir(parents=True)
         (staging / LOGS).mkdir()
-        _write(staging / PLAN, plan.to_json())
-        _write(staging / RECIPE, yaml.safe_dump(plan.recipe.model_dump(mode="json"), sort_keys=False))
-        _write(staging / ENV, json.dumps(_env_record(plan, argv), indent=2) + "\n")
+        write_durably(staging / PLAN, plan.to_json())
+        write_durably(staging / RECIPE, yaml.safe_dump(plan.recipe.model_dump(mode="json"), sort_keys=False))
+        write_durably(staging / ENV, json.dumps(_env_record(plan, argv), indent=2) + "\n")
         if plan.training is not None:
             engine = plan.training.engine
             config = engine.deepspeed if engine.name == "deepspeed" else engine.accelerate
-            _write(staging / ENGINE_CONFIG[engine.name], json.dumps(config, indent=2) + "\n")
+            write_durably(staging / ENGINE_CONFIG[engine.name], json.dumps(config, indent=2) + "\n")
         os.rename(staging, final)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)

@@ -9,8 +9,8 @@ the fact, which rank failed and why (format in launcher/rundir.py).
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import faulthandler
+import fcntl
 import logging
 import os
 import runpy
@@ -22,7 +22,7 @@ from types import FrameType, TracebackType
 from typing import IO
 
 from launcher.plan import LaunchPlan, ScriptPlan
-from launcher.rundir import PLAN, rank_lock, rank_log, rank_status
+from launcher.rundir import PLAN, rank_lock, rank_log, rank_status, write_atomic
 
 log = logging.getLogger("launcher")
 
@@ -32,11 +32,7 @@ _LAUNCHER_FILES = {__file__, runpy.__file__, "<frozen runpy>"}
 
 
 def write_status(run_dir: Path, rank: int, state: str) -> None:
-    """Through a temporary file and a rename, so a reader never sees half a line."""
-    path = rank_status(run_dir, rank)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(state + "\n")
-    os.replace(tmp, path)
+    write_atomic(rank_status(run_dir, rank), state + "\n")
 
 
 def _describe(exc: BaseException) -> str:
