@@ -179,9 +179,6 @@ class TrainConfig(Section):
     """Whether `monitor` should go down or up; auto: up for accuracies."""
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     """Early stopping on `monitor`."""
-    max_nonfinite_steps: int = Field(default=3, ge=0)
-    """NaN/Inf guard: a step whose loss is not finite is skipped; after this many in a
-    row the run stops with an error naming the step."""
     seed: int = 1234
     """Seed for every RNG (python, numpy, torch) and the data order; each rank offsets
     it by its rank for dropout and augmentation."""
@@ -321,26 +318,36 @@ def locate(error: UsageError, source: SourceMap) -> UsageError:
     return error
 
 
+def _field(model: type[BaseModel], parts: list[str], depth: int, key: str):
+    field = model.model_fields.get(parts[depth])
+    if field is None:
+        guess = difflib.get_close_matches(parts[depth], list(model.model_fields), n=1)
+        hint = f"; did you mean {'.'.join([*parts[:depth], guess[0]])!r}?" if guess else ""
+        raise UsageError(f"no such recipe key{hint}", key=key)
+    return field
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _first_sentence(text: str | None) -> str:
+    return " ".join((text or "").split()).split(". ")[0].rstrip(".")
+
+
 def explain(key: str) -> str:
-    """The documentation of one recipe key, from the schema itself."""
-    model: type[BaseModel] = Recipe
+    """The documentation of one recipe key or section, from the schema itself."""
     parts = key.split(".")
-    for depth, part in enumerate(parts):
-        field = model.model_fields.get(part)
-        if field is None:
-            guess = difflib.get_close_matches(part, list(model.model_fields), n=1)
-            hint = f"; did you mean {'.'.join([*parts[:depth], guess[0]])!r}?" if guess else ""
-            raise UsageError(f"no such recipe key{hint}", key=key)
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            if depth == len(parts) - 1:
-                lines = [f"{key}: section"]
-                for name, sub in annotation.model_fields.items():
-                    lines.append(f"  {name}: {(sub.description or '').splitlines()[0] if sub.description else ''}")
-                return "\n".join(lines)
-            model = annotation
-            continue
-        default = field.get_default(call_default_factory=True)
-        doc = " ".join((field.description or "").split())
-        return f"{key} (default: {default!r})\n  {doc}"
-    raise AssertionError("unreachable")
+    model: type[BaseModel] = Recipe
+    for depth in range(len(parts) - 1):
+        section = _section_type(_field(model, parts, depth, key).annotation)
+        if section is None:
+            raise UsageError(f"{'.'.join(parts[:depth + 1])} is a value, not a section", key=key)
+        model = section
+    field = _field(model, parts, len(parts) - 1, key)
+    section = _section_type(field.annotation)
+    if section is not None:
+        rows = [f"  {name}: {_first_sentence(sub.description)}" for name, sub in section.model_fields.items()]
+        return "\n".join([f"{key}: a section; `dlaunch explain {key}.KEY` for more", *rows])
+    default = field.get_default(call_default_factory=True)
+    return f"{key} (default: {default!r})\n  {' '.join((field.description or '').split())}"

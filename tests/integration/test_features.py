@@ -103,3 +103,36 @@ def test_script_gets_torchrun_environment_and_its_arguments(tmp_path):
     assert {env["NODE_RANK"] for env in seen} == {"0", "1"}
     assert len({(env["MASTER_ADDR"], env["MASTER_PORT"]) for env in seen}) == 1
     assert (only_run_dir(root) / "plan.json").exists()
+
+
+def test_nan_loss_stops_the_run_naming_step_rank_and_last_good_checkpoint(tmp_path):
+    # A user model whose output turns to NaN on rank 1 from its 6th training forward on.
+    (tmp_path / "poisoned.py").write_text(
+        "import os, torch\n"
+        "class Poisoned(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.linear = torch.nn.Linear(16, 4)\n"
+        "        self.calls = 0\n"
+        "    def forward(self, x):\n"
+        "        self.calls += self.training\n"
+        "        out = self.linear(x)\n"
+        "        bad = self.calls >= 6 and os.environ['RANK'] == '1'\n"
+        "        return out * float('nan') if bad else out\n"
+        "def build():\n"
+        "    return Poisoned()\n")
+    root = tmp_path / "runs"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""
+model: {{target: "poisoned:build"}}
+data: {{source: synthetic, samples: 640, num_features: 16, num_classes: 4}}
+precision: {{dtype: fp32}}
+train: {{micro_batch_size: 16, max_steps: 20, checkpoint_every: 4, eval_every: 4}}
+logging: {{run_root: {root}, progress: false}}
+""")
+    result = dlaunch("run", str(recipe), "--procs-per-node", "2", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "step 6: loss is nan on rank(s) [1]; the last good checkpoint is step-00000004" in result.stderr
+    run_dir = only_run_dir(root)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000004"
+    assert not (run_dir / "model.pt").exists()
