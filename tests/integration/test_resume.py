@@ -1,7 +1,8 @@
 """Resume is exact: N steps straight, and N/2 steps + SIGKILL + `--resume` N/2 steps, end
 with identical weights (fp32, CPU). The resumed half crosses an epoch boundary, so a
 resume that replays the wrong epoch's order (huggingface/accelerate#2823, #2016) fails
-here; dropout makes the per-rank RNG state matter too."""
+here; dropout makes the per-rank RNG state matter too, and gradient accumulation the
+engines' micro-step counters."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from tests.conftest import dlaunch, metrics, only_run_dir
 
 pytestmark = pytest.mark.integration
 
-# 400 rows, 80 held out: 320 train / (16 x 2 ranks) = 10 steps an epoch. N = 16: the run
-# is killed after step 8 and resumes into epoch 1 at step 10.
+# 400 rows, 80 held out: 320 train / (8 x 2 ranks x 2 accumulation) = 10 steps an epoch.
+# N = 16: the run is killed after step 8 and resumes into epoch 1 at step 10.
 RECIPE = """
 name: resume
 model: {{name: mlp, kwargs: {{hidden: [32], dropout: 0.1}}}}
@@ -22,7 +23,7 @@ optim: {{lr: 1.0e-2}}
 schedule: {{name: cosine, warmup_steps: 3}}
 engine: {{name: {engine}, zero_stage: {stage}}}
 precision: {{dtype: fp32}}
-train: {{micro_batch_size: 16, max_steps: 16, eval_every: 4, checkpoint_every: 4, keep_last: 2,
+train: {{micro_batch_size: 8, grad_accum: 2, max_steps: 16, eval_every: 4, checkpoint_every: 4, keep_last: 2,
         early_stopping: {{patience: null}}}}
 logging: {{run_root: {root}, progress: false}}
 """
