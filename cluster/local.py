@@ -9,7 +9,6 @@ one way they are meant to be stopped (SIGTERM, a grace period, SIGKILL).
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import site
@@ -23,12 +22,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import NamedTuple
 
 import launcher
 from cluster.base import JobState
-from launcher.plan import LaunchPlan, Topology
-from launcher.rundir import rank_lock, rank_log, rank_status
+from cluster.failure import Endings, rank_failure_report
+from launcher.plan import LaunchPlan
+from launcher.rundir import rank_log, rank_status
 
 GRACE_S = 10
 """How long stopped agents get to stop their workers before the CLI SIGKILLs them."""
@@ -36,9 +35,6 @@ AGENT_GRACE_S = 5
 """How long an agent waits for a SIGTERMed worker before SIGKILLing it: shorter than
 GRACE_S, so that an agent is not killed while it still has workers to reap."""
 POLL_S = 0.1
-LOG_TAIL = 20
-KILLED = "killed"
-"""What a rank's end is called when it died still `running`: it had no chance to say."""
 
 
 def _free_port() -> int:
@@ -72,84 +68,6 @@ def _agent_env(plan: LaunchPlan) -> dict[str, str]:
     if root not in {Path(p).resolve() for p in site.getsitepackages()}:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     return env
-
-
-def _read_status(run_dir: str, rank: int) -> str | None:
-    try:
-        return rank_status(run_dir, rank).read_text().strip()
-    except FileNotFoundError:
-        return None
-
-
-def _alive(run_dir: str, rank: int) -> bool:
-    """Whether the rank's process still holds its life lock (launcher/worker.py)."""
-    with open(rank_lock(run_dir, rank), "rb") as lock:
-        try:
-            fcntl.lockf(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        return False  # closing the file drops the lock just taken
-
-
-# Among ranks seen ending in the same poll: a hard death causes failures in its peers'
-# collectives, never the other way round; a signal we sent comes after both.
-_PRIORITY = {KILLED: 0, "failed": 1, "terminated": 2, "done": 3}
-
-
-class _End(NamedTuple):
-    """A rank's end; the earliest sorts first."""
-    poll: int
-    priority: int
-    mtime_ns: int
-    rank: int
-    status: str
-
-
-class _Endings:
-    """The order in which ranks ended, seen by polling status files and life locks.
-
-    Each poll reads the status files before it probes any lock. A rank that dies still
-    `running` (SIGKILL, the OOM killer, a native crash) takes its peers down only once
-    it is dead, so it is seen dead no later than they are seen failing.
-    """
-
-    def __init__(self, run_dir: str, world_size: int) -> None:
-        self.run_dir = run_dir
-        self.world_size = world_size
-        self.polls = 0
-        self.ended: dict[int, _End] = {}
-
-    def poll(self) -> None:
-        self.polls += 1
-        pending = [r for r in range(self.world_size) if r not in self.ended]
-        states = {rank: _read_status(self.run_dir, rank) for rank in pending}
-        for rank, state in states.items():
-            if state == "running" and not _alive(self.run_dir, rank):
-                state = _read_status(self.run_dir, rank)  # it may have ended properly since
-                if state == "running":
-                    state = KILLED
-            if state in (None, "running"):
-                continue
-            mtime = rank_status(self.run_dir, rank).stat().st_mtime_ns
-            self.ended[rank] = _End(self.polls, _PRIORITY[state.split(":")[0]], mtime, rank, state)
-
-    def first_failure(self) -> _End | None:
-        failures = [end for end in self.ended.values() if end.status != "done"]
-        return min(failures, default=None)
-
-
-def rank_failure_report(run_dir: str, topology: Topology, rank: int, status: str) -> str:
-    """`error: rank R (node K, local rank L) failed: why`, then the end of its log."""
-    node, local = divmod(rank, topology.procs_per_node)
-    why = status.removeprefix("failed: ")
-    if status == KILLED:
-        why = "killed before it could say why (SIGKILL, the OOM killer or a native crash)"
-    lines = [f"error: rank {rank} (node {node}, local rank {local}) failed: {why}"]
-    log = rank_log(run_dir, rank)
-    if log.exists():
-        tail = log.read_text(errors="replace").splitlines()[-LOG_TAIL:]
-        lines += [f"last lines of {log}:", *(f"  {line}" for line in tail)]
-    return "\n".join(lines)
 
 
 class _Terminated(Exception):
@@ -200,7 +118,7 @@ class LocalJob:
         self._stop()
 
     def wait(self) -> int:
-        endings = _Endings(self.run_dir, self.plan.topology.world_size)
+        endings = Endings(self.run_dir, self.plan.topology.world_size)
         try:
             with _sigterm_raises():
                 failed = self._first_failed_agent(endings)
@@ -221,7 +139,7 @@ class LocalJob:
         print(self._failure_report(endings, failed), file=sys.stderr)
         return 1
 
-    def _first_failed_agent(self, endings: _Endings) -> int | None:
+    def _first_failed_agent(self, endings: Endings) -> int | None:
         """The index of the first agent to exit non-zero; None once all exited with 0."""
         while True:
             codes = [agent.poll() for agent in self._agents]
@@ -233,7 +151,7 @@ class LocalJob:
                 return None
             time.sleep(POLL_S)
 
-    def _failure_report(self, endings: _Endings, agent: int) -> str:
+    def _failure_report(self, endings: Endings, agent: int) -> str:
         first = endings.first_failure()
         if first is not None:
             return rank_failure_report(self.run_dir, self.plan.topology, first.rank, first.status)

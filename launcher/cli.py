@@ -24,6 +24,8 @@ def _add_recipe_args(parser: argparse.ArgumentParser, *, optional: bool = False)
 
 
 def _add_topology_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cluster", choices=("local", "slurm"),
+                        help="where the job runs (default: cluster.backend)")
     parser.add_argument("--nodes", type=int, help="number of nodes (default: cluster.nodes)")
     parser.add_argument("--procs-per-node", "--nproc-per-node", dest="procs_per_node", type=int,
                         help="worker processes per node, one per GPU (default: cluster.procs_per_node)")
@@ -40,13 +42,27 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="train a recipe, or launch a torchrun-style script",
                               description="Train RECIPE on the chosen topology, or with --script "
                                           "launch an ordinary torchrun-style script (arguments "
-                                          "for it after `--`).")
-    _add_recipe_args(run, optional=True)
-    _add_topology_args(run)
-    run.add_argument("--script", help="a torchrun-style training script to launch instead of the "
-                                      "built-in trainer")
-    run.add_argument("--resume", metavar="RUN_DIR",
-                     help="continue the run in RUN_DIR from its latest checkpoint")
+                                          "for it after `--`), and wait for the job to end.")
+    submit = commands.add_parser("submit", help="like run on Slurm, but return at once with the job id")
+    for command in (run, submit):
+        _add_recipe_args(command, optional=True)
+        _add_topology_args(command)
+        command.add_argument("--script", help="a torchrun-style training script to launch instead "
+                                              "of the built-in trainer")
+        command.add_argument("--resume", metavar="RUN_DIR",
+                             help="continue the run in RUN_DIR from its latest checkpoint")
+        command.add_argument("--dry-run", action="store_true",
+                             help="Slurm: print the sbatch script instead of submitting it")
+        command.add_argument("--dependency", metavar="SPEC",
+                             help="Slurm: sbatch --dependency, e.g. afterok:1234")
+
+    for name, text in (("status", "the state of a job"), ("logs", "a job's log"),
+                       ("cancel", "stop a job and every process of it")):
+        job = commands.add_parser(name, help=text)
+        job.add_argument("job", metavar="JOB", help="a run directory or a Slurm job id")
+        if name == "logs":
+            job.add_argument("--rank", type=int, help="this rank's log instead of the job's output")
+            job.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
 
     plan = commands.add_parser("plan", help="print the launch plan without running anything")
     _add_recipe_args(plan)
@@ -91,7 +107,7 @@ def _make_plan(args: argparse.Namespace, script_args: list[str], stamp: str):
             raise UsageError(f"script {script!r} does not exist", key="--script")
         run_dir = new_run_dir(recipe.logging.run_root, recipe.name, stamp)
         plan = build_plan(recipe, host=detect_host(), data=data, run_dir=str(run_dir),
-                          nodes=args.nodes, procs_per_node=args.procs_per_node,
+                          backend=args.cluster, nodes=args.nodes, procs_per_node=args.procs_per_node,
                           script=str(Path(script).resolve()) if script else None,
                           script_args=script_args)
         return plan, source
@@ -136,29 +152,81 @@ def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
     from launcher import rundir
 
     if args.resume:
-        if args.recipe or args.overrides or args.script or args.nodes or args.procs_per_node:
+        if args.recipe or args.overrides or args.script or args.nodes or args.procs_per_node or args.cluster:
             raise UsageError("--resume takes the run's own plan; give no recipe, --set, "
-                             "--script or topology flags with it", key="--resume")
+                             "--script, --cluster or topology flags with it", key="--resume")
         plan = _resumed_plan(args.resume)
-        print(f"dlaunch: resuming {plan.run_dir}", file=sys.stderr)
     else:
         if args.recipe is None and args.script is None:
-            raise UsageError("give a recipe to train, or --script to launch", key="run")
+            raise UsageError("give a recipe to train, or --script to launch", key=args.command)
         from launcher.recipe import locate
 
         plan, source = _make_plan(args, script_args, time.strftime("%Y%m%d-%H%M%S"))
+    slurm = plan.topology.backend == "slurm"
+    if args.command == "submit" and not slurm:
+        raise UsageError("submit hands a job to Slurm; add --cluster slurm", key="--cluster")
+    if (args.dry_run or args.dependency) and not slurm:
+        raise UsageError("--dry-run and --dependency are for --cluster slurm", key="--cluster")
+    if args.dry_run:
+        from cluster.slurm import render
+
+        print(render(plan), end="")
+        return 0
+    if args.resume:
+        print(f"dlaunch: resuming {plan.run_dir}", file=sys.stderr)
+    else:
         try:
             rundir.create(plan, sys.argv)
         except UsageError as err:
             raise locate(err, source) from None
         print(f"dlaunch: run dir {plan.run_dir}", file=sys.stderr)
+    if not slurm:
+        from cluster.local import LocalBackend
 
-    from cluster.local import LocalBackend
+        return LocalBackend().submit(plan).wait()
+    from cluster.slurm import SlurmBackend
 
-    return LocalBackend().submit(plan).wait()
+    job = SlurmBackend([f"--dependency={args.dependency}"] if args.dependency else []).submit(plan)
+    print(f"dlaunch: Slurm job {job.job_id}", file=sys.stderr)
+    if args.command == "submit":
+        print(job.job_id)
+        return 0
+    return job.wait()
 
 
-_COMMANDS = {"run": _cmd_run, "plan": _cmd_plan, "validate": _cmd_validate, "explain": _cmd_explain}
+def _cmd_status(args: argparse.Namespace, _: list[str]) -> int:
+    from cluster.slurm import find_job
+
+    job = find_job(args.job)
+    print(f"{job.job_id} {job.status()} {job.run_dir}")
+    return 0
+
+
+def _cmd_logs(args: argparse.Namespace, _: list[str]) -> int:
+    from cluster.slurm import find_job
+
+    job = find_job(args.job)
+    printed = 0
+    while True:
+        text = job.logs(args.rank) if args.rank is not None else job.output()
+        print(text[printed:], end="", flush=True)
+        printed = len(text)
+        if not args.follow or job.status() not in ("PENDING", "RUNNING"):
+            return 0
+        time.sleep(1)
+
+
+def _cmd_cancel(args: argparse.Namespace, _: list[str]) -> int:
+    from cluster.slurm import find_job
+
+    job = find_job(args.job)
+    job.cancel()
+    print(f"{job.job_id} cancelled")
+    return 0
+
+
+_COMMANDS = {"run": _cmd_run, "submit": _cmd_run, "plan": _cmd_plan, "validate": _cmd_validate,
+             "explain": _cmd_explain, "status": _cmd_status, "logs": _cmd_logs, "cancel": _cmd_cancel}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ class HostFacts(_Value):
 
 
 class Topology(_Value):
+    backend: Literal["local", "slurm"]
     nodes: int
     procs_per_node: int
     world_size: int
@@ -102,18 +103,32 @@ class LaunchPlan(_Value):
         return cls.model_validate_json(text)
 
 
-def _topology(recipe: Recipe, host: HostFacts, nodes: int | None, procs: int | None) -> Topology:
+def _device(recipe: Recipe, backend: str, host: HostFacts) -> Literal["cpu", "cuda"]:
+    """On Slurm the launching host (a login node) says nothing about the compute nodes:
+    the GPUs the job asks for do."""
+    device = recipe.cluster.device
+    if backend == "slurm":
+        return ("cuda" if recipe.cluster.slurm.gpus_per_node else "cpu") if device == "auto" else device
+    if device == "auto":
+        return "cuda" if host.has_cuda else "cpu"
+    if device == "cuda" and not host.has_cuda:
+        raise UsageError("cuda requested but this host has no NVIDIA GPU", key="cluster.device")
+    return device
+
+
+def _topology(recipe: Recipe, host: HostFacts, backend: str | None, nodes: int | None,
+              procs: int | None) -> Topology:
     cluster = recipe.cluster
+    backend = backend or cluster.backend
     nodes = nodes or cluster.nodes
     procs = procs or cluster.procs_per_node
     if nodes < 1 or procs < 1:
         raise UsageError("nodes and procs per node must be at least 1", key="cluster.nodes")
-    device = cluster.device
-    if device == "auto":
-        device = "cuda" if host.has_cuda else "cpu"
-    if device == "cuda" and not host.has_cuda and cluster.backend == "local":
-        raise UsageError("cuda requested but this host has no NVIDIA GPU", key="cluster.device")
-    return Topology(nodes=nodes, procs_per_node=procs, world_size=nodes * procs, device=device,
+    device = _device(recipe, backend, host)
+    if backend == "slurm" and device == "cpu" and cluster.slurm.gpus_per_node:
+        raise UsageError("GPUs requested for a cpu job", key="cluster.slurm.gpus_per_node")
+    return Topology(backend=backend, nodes=nodes, procs_per_node=procs, world_size=nodes * procs,
+                    device=device,
                     dist_backend="nccl" if device == "cuda" else "gloo",
                     rdzv_timeout=cluster.rdzv_timeout)
 
@@ -246,22 +261,26 @@ def _check_model(recipe: Recipe, data: DataFacts) -> None:
                          f"{list(data.input_shape)}; set data.shape", key="model.name")
 
 
-def _env(topo: Topology, host: HostFacts) -> dict[str, str]:
+def _env(recipe: Recipe, topo: Topology, host: HostFacts) -> dict[str, str]:
     env = {"PYTHONUNBUFFERED": "1"}
     if topo.device == "cpu":
         # Tell DeepSpeed rather than let it probe (and warn about) every accelerator.
         env["DS_ACCELERATOR"] = "cpu"
         # One intra-op thread pool per worker, sized so the workers of a node share its
-        # cores instead of oversubscribing them.
-        env["OMP_NUM_THREADS"] = str(max(1, host.cpus // topo.procs_per_node))
+        # cores instead of oversubscribing them. A Slurm node's cores are the ones the
+        # job asked for, not the login node's.
+        cpus = recipe.cluster.slurm.cpus_per_task if topo.backend == "slurm" else host.cpus
+        if cpus:
+            env["OMP_NUM_THREADS"] = str(max(1, cpus // topo.procs_per_node))
     return env
 
 
 def build_plan(recipe: Recipe, *, host: HostFacts, data: DataFacts | None, run_dir: str,
-               nodes: int | None = None, procs_per_node: int | None = None,
-               script: str | None = None, script_args: list[str] = ()) -> LaunchPlan:
+               backend: str | None = None, nodes: int | None = None,
+               procs_per_node: int | None = None, script: str | None = None,
+               script_args: list[str] = ()) -> LaunchPlan:
     """The plan for ``recipe`` on ``host``; ``data`` is None only for ``--script`` jobs."""
-    topo = _topology(recipe, host, nodes, procs_per_node)
+    topo = _topology(recipe, host, backend, nodes, procs_per_node)
     training = None
     if script is None:
         if data is None:
@@ -273,7 +292,7 @@ def build_plan(recipe: Recipe, *, host: HostFacts, data: DataFacts | None, run_d
                                 engine=_engine(recipe, topo, batch, lr.scaled))
     return LaunchPlan(
         name=recipe.name, run_dir=run_dir, recipe=recipe, topology=topo,
-        env=_env(topo, host), training=training,
+        env=_env(recipe, topo, host), training=training,
         script=ScriptPlan(path=script, args=list(script_args)) if script is not None else None,
     )
 
@@ -284,7 +303,7 @@ def format_plan(plan: LaunchPlan) -> str:
     rows: list[tuple[str, str]] = [
         ("run dir", plan.run_dir),
         ("topology", f"{topo.nodes} node(s) x {topo.procs_per_node} proc(s) = world size "
-                     f"{topo.world_size}, {topo.device}, {topo.dist_backend}"),
+                     f"{topo.world_size}, {topo.device}, {topo.dist_backend}, {topo.backend}"),
     ]
     if plan.script is not None:
         rows.append(("script", " ".join([plan.script.path, *plan.script.args])))

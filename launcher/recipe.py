@@ -19,6 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from launcher.errors import UsageError
 from launcher.yamlio import KeyPath, SourceMap, apply_override, load_yaml, parse_override
 
+# Values that reach `#SBATCH` lines and comments: sbatch reads those lines without a shell, so only
+# a line break could smuggle a command into the script.
+_ONE_LINE = r"^[^\n\r\x00]*$"
+
 
 class Section(BaseModel):
     # strict: "8" is not an int and "yes" is not a bool; extra="forbid": a typo is an
@@ -185,7 +189,7 @@ class TrainConfig(Section):
 
 
 class LoggingConfig(Section):
-    run_root: str = "runs"
+    run_root: str = Field(default="runs", pattern=_ONE_LINE)
     """Directory under which run directories `<name>-<stamp>` are created."""
     log_every: int = Field(default=10, gt=0)
     """Write training metrics every N optimizer steps."""
@@ -195,9 +199,64 @@ class LoggingConfig(Section):
     """Show a progress bar on rank 0."""
 
 
+class ContainerConfig(Section):
+    image: str = Field(pattern=_ONE_LINE)
+    """Image the agents run in: a pyxis/enroot image (`registry#image:tag`, a .sqsh
+    file) or an apptainer .sif file / `docker://` URI."""
+    runtime: Literal["pyxis", "apptainer"] = "pyxis"
+    """pyxis: `srun --container-image`; apptainer: `apptainer exec --nv`."""
+    mounts: list[str] = Field(default_factory=list)
+    """Extra bind mounts `SRC:DST`; the run directory and the working directory are
+    always mounted."""
+
+
+class SlurmConfig(Section):
+    job_name: str | None = Field(default=None, pattern=_ONE_LINE)
+    """Slurm job name; default: the recipe name."""
+    partition: str | None = Field(default=None, pattern=_ONE_LINE)
+    """`--partition`."""
+    account: str | None = Field(default=None, pattern=_ONE_LINE)
+    """`--account`."""
+    qos: str | None = Field(default=None, pattern=_ONE_LINE)
+    """`--qos`."""
+    time: str = Field(default="01:00:00", pattern=r"^[0-9:-]+$")
+    """`--time` limit, in Slurm's formats (MM, HH:MM:SS, D-HH:MM:SS)."""
+    gpus_per_node: int | None = Field(default=None, ge=0)
+    """`--gpus-per-node`. When set above 0, `cluster.device: auto` means cuda; with
+    device cuda it defaults to procs_per_node."""
+    cpus_per_task: int | None = Field(default=None, gt=0)
+    """`--cpus-per-task`: cores for a node's agent and all its workers."""
+    mem: str | None = Field(default=None, pattern=r"^[0-9]+[KMGT]?$")
+    """`--mem` per node, e.g. 64G."""
+    constraint: str | None = Field(default=None, pattern=_ONE_LINE)
+    """`--constraint`."""
+    exclusive: bool = False
+    """`--exclusive`: whole nodes."""
+    signal: Literal["USR2", "USR1", "TERM"] = "USR2"
+    """Signal Slurm sends before the time limit (and that preemption uses). USR2, as
+    submitit: NCCL installs its own SIGUSR1 handler."""
+    signal_grace: int = Field(default=120, gt=0)
+    """Seconds before the time limit at which the signal is sent: time for a checkpoint."""
+    requeue: bool = True
+    """`--requeue`: a preempted or signalled job goes back to the queue and resumes."""
+    extra_sbatch: list[str] = Field(default_factory=list)
+    """More sbatch options, one per entry, e.g. `--mail-type=END`."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Environment variables exported in the job (values are shell-quoted)."""
+    setup: list[str] = Field(default_factory=list)
+    """Shell lines run before the agents start, as written (`module load cuda`,
+    `source /path/venv/bin/activate`)."""
+    container: ContainerConfig | None = None
+    """Run the agents in a container."""
+    python: str | None = Field(default=None, pattern=_ONE_LINE)
+    """Python on the compute nodes; default: the one running dlaunch (`python`
+    inside a container)."""
+
+
 class ClusterConfig(Section):
-    backend: Literal["local"] = "local"
-    """Where the job runs: local (N emulated nodes on this host)."""
+    backend: Literal["local", "slurm"] = "local"
+    """Where the job runs: local (N emulated nodes on this host) or slurm (an sbatch
+    job); `--cluster` overrides."""
     nodes: int = Field(default=1, gt=0)
     """Nodes; `--nodes` overrides."""
     procs_per_node: int = Field(default=1, gt=0)
@@ -206,6 +265,8 @@ class ClusterConfig(Section):
     """auto: cuda when this host has an NVIDIA GPU, cpu otherwise."""
     rdzv_timeout: int = Field(default=300, gt=0)
     """Seconds the node agents wait for each other at rendezvous."""
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+    """The sbatch job (backend: slurm)."""
 
 
 class Recipe(Section):
@@ -242,6 +303,8 @@ def _describe(error: dict[str, Any]) -> str:
         hint = f"; did you mean {guess[0]!r}?" if guess else f"; known keys: {', '.join(known)}"
         return f"unknown key{hint}"
     message = error["msg"]
+    if kind == "string_pattern_mismatch" and error["ctx"]["pattern"] == _ONE_LINE:
+        return "must be a single line"
     if kind == "literal_error":
         expected = error.get("ctx", {}).get("expected", "")
         return f"got {error['input']!r}; expected one of {expected}"
@@ -281,6 +344,14 @@ def _check_consistency(recipe: Recipe) -> None:
     if target is not None and (":" not in target or target.startswith(":") or target.endswith(":")):
         raise UsageError(f"{target!r} is not an import path; write package.module:factory",
                          key="model.target")
+    for name in [*recipe.cluster.slurm.env]:
+        if not name.isidentifier() or not name.isascii():
+            raise UsageError(f"{name!r} is not an environment variable name",
+                             key=f"cluster.slurm.env.{name}")
+    for index, option in enumerate(recipe.cluster.slurm.extra_sbatch):
+        if not option.startswith("-") or any(c in option for c in "\n\r\x00"):
+            raise UsageError(f"{option!r} is not one sbatch option such as --mail-type=END",
+                             key=f"cluster.slurm.extra_sbatch.{index}")
     if recipe.train.monitor not in ("val_loss", "val_acc"):
         raise UsageError(f"cannot monitor {recipe.train.monitor!r}; use val_loss or val_acc",
                          key="train.monitor")

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from launcher import checkpoint
+from launcher import checkpoint, preemption
 from launcher.data.datasets import Split, load_split
 from launcher.data.sampler import ResumableDistributedSampler
 from launcher.engines.base import Engine, monitor_mode
@@ -128,7 +128,7 @@ class Trainer:
             for _ in range(step_in_epoch, per_epoch):
                 result = self.engine.train_step([next(batches) for _ in range(accum)])
                 self.step += 1
-                loss = self._mean_loss_of_all_ranks(result.loss)
+                loss, preempted = self._share_step(result.loss)
                 window_steps += 1
                 lr = self.engine.schedule.get_last_lr()[0]
                 samples_per_s = window_steps * self.batch.global_ / (time.perf_counter() - window_start)
@@ -139,8 +139,13 @@ class Trainer:
                     window_start, window_steps = time.perf_counter(), 0
                 if self.step % self.steps.eval_every == 0 or self.step == total:
                     self._evaluate()
-                if self.step % self.steps.checkpoint_every == 0 or self.step == total or self.stopped_early:
+                if (self.step % self.steps.checkpoint_every == 0 or self.step == total
+                        or self.stopped_early or preempted):
                     self._checkpoint()
+                if preempted and self.step < total and not self.stopped_early:
+                    self._record("preempted", {"slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                                               "restart_count": os.environ.get("SLURM_RESTART_COUNT", "0")})
+                    raise preemption.Preempted(f"checkpoint step-{self.step:08d}")
                 if self.step == self.kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if self.step == total or self.stopped_early:
@@ -150,18 +155,21 @@ class Trainer:
 
     # -- pieces of a step -------------------------------------------------------------
 
-    def _mean_loss_of_all_ranks(self, loss: torch.Tensor) -> float:
-        """Gather every rank's loss: the logged loss is their mean, and a NaN or Inf on
-        any rank stops the run before it can reach a checkpoint."""
-        losses = [torch.zeros_like(loss) for _ in range(self.world)]
-        dist.all_gather(losses, loss)
-        values = [float(v) for v in losses]
+    def _share_step(self, loss: torch.Tensor) -> tuple[float, bool]:
+        """One collective a step: every rank's loss and preemption flag. The logged loss
+        is the mean; a NaN or Inf on any rank stops the run before it can reach a
+        checkpoint; a preemption request on any rank is seen by all at this step."""
+        mine = torch.stack([loss.float(), torch.tensor(float(preemption.requested), device=loss.device)])
+        shared = [torch.zeros_like(mine) for _ in range(self.world)]
+        dist.all_gather(shared, mine)
+        values = [float(v[0]) for v in shared]
+        preempted = any(float(v[1]) > 0 for v in shared)
         bad = [rank for rank, value in enumerate(values) if not math.isfinite(value)]
         if bad:
             good = checkpoint.latest(self.run_dir)
             raise NonFiniteLoss(f"step {self.step}: loss is {values[bad[0]]} on rank(s) {bad}; "
                                 f"the last good checkpoint is {good.name if good else 'none'}")
-        return sum(values) / self.world
+        return sum(values) / self.world, preempted
 
     @torch.no_grad()
     def _evaluate(self) -> None:

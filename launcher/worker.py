@@ -21,6 +21,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO
 
+from launcher import preemption
 from launcher.plan import LaunchPlan, ScriptPlan
 from launcher.rundir import PLAN, rank_lock, rank_log, rank_status, write_atomic
 
@@ -154,11 +155,15 @@ def main(run_dir: Path) -> int:
     _log_to_file(run_dir, rank)
     _life_lock = _hold_life_lock(run_dir, rank)  # held until main returns, status final
     _stop_on_signal(run_dir, rank)
+    preemption.install()  # after the stop handlers: the preemption signal only asks for a checkpoint
     write_status(run_dir, rank, "running")
     log.info("rank %d of %s on node %s, pid %d", rank, os.environ["WORLD_SIZE"],
              os.environ["NODE_RANK"], os.getpid())
     try:
         _run(LaunchPlan.from_json((run_dir / PLAN).read_text()))
+    except preemption.Preempted as exc:
+        write_status(run_dir, rank, f"preempted: {exc}")
+        return 0 if rank != 0 or preemption.requeue() else 1
     except BaseException as exc:
         exc_info = (type(exc), exc, _user_traceback(exc))
         log.error("rank %d failed", rank, exc_info=exc_info)  # into the rank's log

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 def test_plan_prints_the_topology_batch_and_engine():
     result = dlaunch("plan", "recipes/quickstart.yaml", "--nodes", "4")
     assert result.returncode == 0, result.stderr
-    assert "4 node(s) x 2 proc(s) = world size 8, cpu, gloo" in result.stdout
+    assert "4 node(s) x 2 proc(s) = world size 8, cpu, gloo, local" in result.stdout
     assert "micro 32 x 8 ranks x accum 1 = global 256" in result.stdout
     assert "deepspeed, ZeRO stage 2, bf16" in result.stdout
 

@@ -1,0 +1,226 @@
+"""The Slurm backend: the plan rendered into an sbatch script (slurm/dlaunch.sbatch),
+submitted with sbatch, watched with squeue / scontrol, stopped with scancel.
+
+Every value from the recipe reaches the script either as an `#SBATCH` line (which
+sbatch reads without a shell; the schema forbids line breaks in them) or as a
+shell-quoted `export`; the agent command itself is a constant.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cluster.base import JobState
+from cluster.failure import first_failure, rank_failure_report
+from launcher.errors import UsageError
+from launcher.plan import LaunchPlan
+from launcher.rundir import PLAN, rank_log, rank_status
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "dlaunch.sbatch"
+SCRIPT = "slurm/job.sbatch"
+JOB_ID = "slurm/job_id"
+POLL_S = 2.0
+
+# Slurm's job states, in the protocol's words.
+_STATES: dict[str, JobState] = {
+    "PENDING": "PENDING", "CONFIGURING": "PENDING", "REQUEUED": "PENDING", "REQUEUE_HOLD": "PENDING",
+    "REQUEUE_FED": "PENDING", "RESIZING": "PENDING", "SUSPENDED": "PENDING",
+    "RUNNING": "RUNNING", "COMPLETING": "RUNNING", "STAGE_OUT": "RUNNING", "SIGNALING": "RUNNING",
+    "COMPLETED": "COMPLETED",
+    "CANCELLED": "CANCELLED",
+}
+
+
+def _sbatch_options(plan: LaunchPlan, log_dir: str) -> list[str]:
+    slurm, topo = plan.recipe.cluster.slurm, plan.topology
+    gpus = slurm.gpus_per_node
+    if gpus is None and topo.device == "cuda":
+        gpus = topo.procs_per_node
+    options = [
+        f"--job-name={slurm.job_name or plan.name}",
+        f"--nodes={topo.nodes}",
+        "--ntasks-per-node=1",
+        f"--time={slurm.time}",
+        f"--output={log_dir}/slurm-%j.out",
+        f"--error={log_dir}/slurm-%j.out",
+    ]
+    optional = {"--partition": slurm.partition, "--account": slurm.account, "--qos": slurm.qos,
+                "--gpus-per-node": gpus or None, "--cpus-per-task": slurm.cpus_per_task,
+                "--mem": slurm.mem, "--constraint": slurm.constraint}
+    options += [f"{flag}={value}" for flag, value in optional.items() if value is not None]
+    if slurm.exclusive:
+        options.append("--exclusive")
+    options.append(f"--signal={slurm.signal}@{slurm.signal_grace}")
+    if slurm.requeue:
+        options.append("--requeue")
+    return options + list(slurm.extra_sbatch)
+
+
+def _sbatch_line(option: str) -> str:
+    """`#SBATCH --flag=value`, the value quoted when it holds spaces or quotes (sbatch
+    splits these lines itself, shell-style, without running anything)."""
+    flag, sep, value = option.partition("=")
+    if sep and (not value or any(c in value for c in " \t'\"\\")):
+        value = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"#SBATCH {flag}{sep}{value}"
+
+
+def _container(plan: LaunchPlan, cwd: str) -> tuple[list[str], str, str]:
+    """(exports, srun options, the prefix of the agent command) for the container."""
+    container = plan.recipe.cluster.slurm.container
+    if container is None:
+        return [], "", ""
+    mounts = ",".join([f"{plan.run_dir}:{plan.run_dir}", f"{cwd}:{cwd}", *container.mounts])
+    exports = [f"export DLAUNCH_CONTAINER_IMAGE={shlex.quote(container.image)}",
+               f"export DLAUNCH_CONTAINER_MOUNTS={shlex.quote(mounts)}"]
+    if container.runtime == "pyxis":
+        srun = ('--container-image="$DLAUNCH_CONTAINER_IMAGE" '
+                '--container-mounts="$DLAUNCH_CONTAINER_MOUNTS" --container-workdir="$PWD" ')
+        return exports, srun, ""
+    return exports, "", 'apptainer exec --nv --bind "$DLAUNCH_CONTAINER_MOUNTS" "$DLAUNCH_CONTAINER_IMAGE" '
+
+
+def render(plan: LaunchPlan, *, python: str | None = None, cwd: str | None = None) -> str:
+    """The sbatch script for ``plan``."""
+    slurm, topo = plan.recipe.cluster.slurm, plan.topology
+    cwd = cwd or os.getcwd()
+    exports, srun_options, container_exec = _container(plan, cwd)
+    if python is None:
+        python = slurm.python or ("python" if slurm.container else sys.executable)
+    env = {**plan.env, **slurm.env}
+    exports += [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
+    setup = ""
+    if slurm.setup:
+        setup = "\n# Set-up from cluster.slurm.setup, run as written.\n" + "\n".join(slurm.setup) + "\n"
+    values = {
+        "job_title": (slurm.job_name or plan.name).replace("\n", " "),
+        "run_dir_comment": plan.run_dir.replace("\n", " "),
+        "sbatch_options": "\n".join(_sbatch_line(o) for o in _sbatch_options(plan, f"{plan.run_dir}/logs")),
+        "procs_per_node": str(topo.procs_per_node),
+        "run_dir": shlex.quote(plan.run_dir),
+        "python": shlex.quote(python),
+        "env_exports": "\n".join(exports),
+        "setup": setup,
+        "nodes": str(topo.nodes),
+        "srun_options": srun_options,
+        "container_exec": container_exec,
+        "rdzv_timeout": str(topo.rdzv_timeout),
+        "signal": slurm.signal,
+        "requeue": "1" if slurm.requeue else "0",
+        # SIG_IGN survives exec; SIGTERM is the agent's to forward, so it stays.
+        "agent_trap": "" if slurm.signal == "TERM" else f'trap "" {slurm.signal}; ',
+    }
+    script = TEMPLATE.read_text()
+    for key, value in values.items():
+        script = script.replace("{{" + key + "}}", value)
+    return script
+
+
+def _run(command: list[str], *, check: bool = True) -> subprocess.CompletedProcess:
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise UsageError(f"{command[0]} not found: is this a Slurm login node?", key="--cluster") from None
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{shlex.join(command)} failed: {result.stderr.strip()}")
+    return result
+
+
+class SlurmJob:
+    def __init__(self, plan: LaunchPlan, job_id: str) -> None:
+        self.plan = plan
+        self.run_dir = plan.run_dir
+        self.job_id = job_id
+
+    def _state(self) -> str:
+        # scontrol knows recent jobs, finished ones included (for MinJobAge), with no
+        # accounting database; sacct is the fallback for older ones.
+        shown = _run(["scontrol", "show", "job", "--oneliner", self.job_id], check=False)
+        for field in shown.stdout.split():
+            if field.startswith("JobState="):
+                return field.split("=", 1)[1]
+        accounted = _run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", self.job_id], check=False)
+        states = accounted.stdout.split()
+        return states[0].split()[0] if states else "UNKNOWN"
+
+    def status(self) -> JobState:
+        return _STATES.get(self._state(), "FAILED")
+
+    def logs(self, rank: int = 0) -> str:
+        path = rank_log(self.run_dir, rank)
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def output(self) -> str:
+        """The job's stdout and stderr (rank 0's progress, the agents, Slurm's own)."""
+        path = Path(self.run_dir) / "logs" / f"slurm-{self.job_id}.out"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def cancel(self) -> None:
+        _run(["scancel", self.job_id])
+
+    def wait(self) -> int:
+        while (state := self.status()) in ("PENDING", "RUNNING"):
+            time.sleep(POLL_S)
+        if state == "COMPLETED":
+            return 0
+        failure = first_failure(self.run_dir, self.plan.topology.world_size)
+        if failure is not None:
+            print(rank_failure_report(self.run_dir, self.plan.topology, *failure), file=sys.stderr)
+        else:
+            print(f"error: Slurm job {self.job_id} ended {self._state()}; see "
+                  f"{self.run_dir}/logs/slurm-{self.job_id}.out", file=sys.stderr)
+        return 1
+
+
+def submit_script(plan: LaunchPlan, extra: list[str] = ()) -> str:
+    """Write RUN_DIR/slurm/job.sbatch, sbatch it, record and return the job id."""
+    run_dir = Path(plan.run_dir)
+    (run_dir / "slurm").mkdir(exist_ok=True)
+    script = run_dir / SCRIPT
+    script.write_text(render(plan))
+    result = _run(["sbatch", "--parsable", *extra, str(script)])
+    job_id = result.stdout.strip().split(";")[0]
+    (run_dir / JOB_ID).write_text(job_id + "\n")
+    return job_id
+
+
+class SlurmBackend:
+    def __init__(self, sbatch_args: list[str] = ()) -> None:
+        self.sbatch_args = list(sbatch_args)
+
+    def submit(self, plan: LaunchPlan) -> SlurmJob:
+        for rank in range(plan.topology.world_size):
+            rank_status(plan.run_dir, rank).unlink(missing_ok=True)
+        return SlurmJob(plan, submit_script(plan, self.sbatch_args))
+
+
+def _run_dir_of(job_id: str) -> Path:
+    """The run directory of a job, from where Slurm writes its output."""
+    shown = _run(["scontrol", "show", "job", "--oneliner", job_id], check=False)
+    for field in shown.stdout.split():
+        if field.startswith("StdOut="):
+            return Path(field.split("=", 1)[1]).parent.parent
+    raise UsageError(f"Slurm does not know job {job_id} (any more)", key="JOB")
+
+
+def find_job(target: str) -> SlurmJob:
+    """A job named by its run directory or its Slurm job id."""
+    run_dir = Path(target)
+    if target.isdigit() and not run_dir.is_dir():
+        job_id, run_dir = target, _run_dir_of(target)
+    else:
+        try:
+            job_id = (run_dir / JOB_ID).read_text().strip()
+        except FileNotFoundError:
+            raise UsageError(f"{target!r} is neither a Slurm job id nor the run directory of one",
+                             key="JOB") from None
+    try:
+        plan = LaunchPlan.from_json((run_dir / PLAN).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{str(run_dir)!r} holds no plan.json", key="JOB") from None
+    return SlurmJob(plan, job_id)
