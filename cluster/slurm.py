@@ -96,7 +96,9 @@ def render(plan: LaunchPlan, *, python: str | None = None, cwd: str | None = Non
     exports += [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
     setup = ""
     if slurm.setup:
-        setup = "\n# Set-up from cluster.slurm.setup, run as written.\n" + "\n".join(slurm.setup) + "\n"
+        setup = ("\n# Set-up from cluster.slurm.setup, run as written.\n"
+                 "# shellcheck disable=SC1091  # files of the user's, not ours to follow\n"
+                 "{\n" + "\n".join(slurm.setup) + "\n}\n")
     values = {
         "job_title": (slurm.job_name or plan.name).replace("\n", " "),
         "run_dir_comment": plan.run_dir.replace("\n", " "),

