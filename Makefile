@@ -19,5 +19,8 @@ setup: $(VENV)/.installed
 quickstart: setup
 	$(BIN)/dlaunch run recipes/quickstart.yaml
 
+# tests/integration/slurm runs jobs on a real Slurm started on this host; install.sh
+# apt-installs slurm-wlm and munge the first time (root) and does nothing after that.
 test: setup
+	bash slurm/dev-cluster/install.sh
 	$(BIN)/python -m pytest

@@ -48,6 +48,8 @@ def _sbatch_options(plan: LaunchPlan, log_dir: str) -> list[str]:
         f"--time={slurm.time}",
         f"--output={log_dir}/slurm-%j.out",
         f"--error={log_dir}/slurm-%j.out",
+        # A requeued job writes on where it left off instead of truncating its output.
+        "--open-mode=append",
     ]
     optional = {"--partition": slurm.partition, "--account": slurm.account, "--qos": slurm.qos,
                 "--gpus-per-node": gpus or None, "--cpus-per-task": slurm.cpus_per_task,

@@ -1,0 +1,198 @@
+"""dlaunch jobs on the real dev Slurm cluster: recipes as multi-node sbatch jobs that
+match the local backend, job control, the per-node and port pitfalls, a failing node,
+shell injection, and preemption with requeue."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import dlaunch, metrics, only_run_dir
+
+SCRIPT_REPORTS_ENV = """\
+import json, os, sys
+import torch.distributed as dist
+dist.init_process_group("gloo")
+keys = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "A", "B",
+        "SLURM_JOB_ID"]
+out = os.path.join(sys.argv[1], f"rank-{os.environ['RANK']}-{os.environ['SLURM_JOB_ID']}.json")
+json.dump({k: os.environ.get(k) for k in keys}, open(out, "w"))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def submit(cluster, *args: str) -> str:
+    result = dlaunch("submit", "--cluster", "slurm", *args, env=cluster.env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip()
+
+
+def wait_for(cluster, job_id: str, timeout: float = 240) -> str:
+    """Poll `dlaunch status` until the job has ended; its final state."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = dlaunch("status", job_id, env=cluster.env)
+        assert status.returncode == 0, status.stderr
+        state = status.stdout.split()[1]
+        if state not in ("PENDING", "RUNNING"):
+            return state
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} still running after {timeout}s: {cluster.job(job_id)}")
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in metrics(run_dir, "train")]
+
+
+def local_run(tmp_path, recipe: str, *args: str) -> Path:
+    root = tmp_path / "local"
+    result = dlaunch("run", recipe, "--set", f"logging.run_root={root}", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return only_run_dir(root)
+
+
+@pytest.mark.parametrize("recipe,nodes,procs,epochs", [
+    ("recipes/quickstart.yaml", 4, 1, 2),          # DeepSpeed ZeRO-2, bf16
+    ("recipes/digits-accelerate.yaml", 2, 2, 1),   # Accelerate DDP, fp32
+])
+def test_recipe_as_slurm_job_matches_the_local_backend(slurm_cluster, tmp_path, recipe, nodes, procs, epochs):
+    common = ("--nodes", str(nodes), "--procs-per-node", str(procs), "--set", f"train.epochs={epochs}",
+              "--set", "logging.progress=false")
+    job_id = submit(slurm_cluster, recipe, "--set", f"logging.run_root={tmp_path / 'slurm'}", *common)
+    assert wait_for(slurm_cluster, job_id) == "COMPLETED"
+    on_slurm = only_run_dir(tmp_path / "slurm")
+    assert (on_slurm / "slurm" / "job_id").read_text().strip() == job_id
+    locally = local_run(tmp_path, recipe, *common)
+    assert train_losses(on_slurm) == pytest.approx(train_losses(locally), rel=1e-4)
+    assert metrics(on_slurm, "summary")[0]["val_acc"] == pytest.approx(
+        metrics(locally, "summary")[0]["val_acc"], abs=1e-6)
+
+
+def test_four_nodes_see_four_node_ranks_and_two_jobs_on_the_same_nodes_do_not_collide(
+        slurm_cluster, tmp_path):
+    script = tmp_path / "report.py"
+    script.write_text(SCRIPT_REPORTS_ENV)
+    out = tmp_path / "out"
+    out.mkdir()
+    # Two 4-node jobs at once on the same four nodes (one host): a fixed port would collide.
+    jobs = [submit(slurm_cluster, "--script", str(script), "--nodes", "4", "--procs-per-node", "1",
+                   "--set", f"logging.run_root={tmp_path / f'runs{i}'}", "--", str(out)) for i in (1, 2)]
+    assert [wait_for(slurm_cluster, job) for job in jobs] == ["COMPLETED", "COMPLETED"]
+    for job in jobs:
+        seen = [json.loads(p.read_text()) for p in out.glob(f"rank-*-{job}.json")]
+        assert sorted(int(s["RANK"]) for s in seen) == [0, 1, 2, 3]
+        assert sorted(s["NODE_RANK"] for s in seen) == ["0", "1", "2", "3"]
+    ports = {json.loads(p.read_text())["MASTER_PORT"] for p in out.glob("rank-0-*.json")}
+    assert len(ports) == 2
+
+
+def test_a_failing_node_ends_the_job_naming_node_and_rank(slurm_cluster, tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text(
+        "import os\nimport torch.distributed as dist\n"
+        "dist.init_process_group('gloo')\n"
+        "if os.environ['RANK'] == '2':\n"
+        "    raise RuntimeError('disk on fire')\n"
+        "dist.barrier()\n")
+    result = dlaunch("run", "--cluster", "slurm", "--script", str(script), "--nodes", "4",
+                     "--procs-per-node", "1", "--set", f"logging.run_root={tmp_path}", env=slurm_cluster.env,
+                     timeout=240)
+    assert result.returncode == 1
+    assert "error: rank 2 (node " in result.stderr
+    assert "RuntimeError: disk on fire" in result.stderr
+
+
+def test_status_logs_and_cancel_of_a_real_job(slurm_cluster, tmp_path):
+    script = tmp_path / "sleepy.py"
+    script.write_text("import logging, time\nlogging.getLogger('launcher').info('sleeping now')\n"
+                      "time.sleep(600)\n")
+    job_id = submit(slurm_cluster, "--script", str(script), "--nodes", "2",
+                    "--set", f"logging.run_root={tmp_path / 'runs'}")
+    run_dir = only_run_dir(tmp_path / "runs")
+    deadline = time.monotonic() + 120
+    while "sleeping now" not in dlaunch("logs", str(run_dir), "--rank", "1", env=slurm_cluster.env).stdout:
+        assert time.monotonic() < deadline, "rank 1 never logged"
+        time.sleep(1)
+    status = dlaunch("status", str(run_dir), env=slurm_cluster.env)
+    assert status.stdout.split()[:2] == [job_id, "RUNNING"]
+    cancelled = dlaunch("cancel", job_id, env=slurm_cluster.env)
+    assert cancelled.returncode == 0
+    assert wait_for(slurm_cluster, job_id) == "CANCELLED"
+
+
+def test_shell_metacharacters_in_job_name_and_env_run_nothing(slurm_cluster, tmp_path):
+    marker = tmp_path / "pwned"
+    nasty = f"$(touch {marker}) `touch {marker}` ; touch {marker} \"'"
+    recipe = tmp_path / "nasty.yaml"
+    recipe.write_text(json.dumps({"cluster": {"slurm": {
+        "job_name": f"job {nasty}", "env": {"A": nasty, "B": "it's \\\"quoted\\\""}}}}))
+    script = tmp_path / "report.py"
+    script.write_text(SCRIPT_REPORTS_ENV)
+    out = tmp_path / "out"
+    out.mkdir()
+    job_id = submit(slurm_cluster, str(recipe), "--script", str(script), "--nodes", "2",
+                    "--set", f"logging.run_root={tmp_path / 'runs'}", "--", str(out))
+    assert wait_for(slurm_cluster, job_id) == "COMPLETED"
+    assert not marker.exists()
+    [seen] = [json.loads(p.read_text()) for p in out.glob("rank-0-*.json")]
+    assert seen["A"] == nasty
+    assert seen["B"] == "it's \\\"quoted\\\""
+    name = slurm_cluster.run("squeue", "-h", "-t", "all", "-j", job_id, "-o", "%j").stdout.rstrip("\n")
+    assert name == f"job {nasty}"
+
+
+PREEMPTIBLE = """
+name: preempt
+model: {{name: mlp, kwargs: {{hidden: [512, 512]}}}}
+data: {{source: synthetic, samples: 4096, num_features: 128, num_classes: 4}}
+engine: {{name: deepspeed, zero_stage: 2}}
+precision: {{dtype: fp32}}
+train: {{micro_batch_size: 16, max_steps: 900, eval_every: 300, checkpoint_every: 300,
+        early_stopping: {{patience: null}}}}
+logging: {{run_root: {root}, progress: false, log_every: 5}}
+"""
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    return metrics(run_dir, kind) if (run_dir / "metrics.jsonl").exists() else []
+
+
+def wait_until(condition, what: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def test_preempted_twice_requeues_resumes_and_ends_with_the_unpreempted_weights(slurm_cluster, tmp_path):
+    recipe = tmp_path / "preempt.yaml"
+    recipe.write_text(PREEMPTIBLE.format(root=tmp_path / "slurm"))
+    job_id = submit(slurm_cluster, str(recipe), "--nodes", "2", "--procs-per-node", "1")
+    run_dir = only_run_dir(tmp_path / "slurm")
+    preempted_at = 0
+    for count in (1, 2):
+        # Signal mid-training: this attempt has run 50 steps past the last preemption.
+        wait_until(lambda after=preempted_at: max((r["step"] for r in records(run_dir, "train")), default=0)
+                   > after + 50,
+                   f"no training progress before preemption {count}")
+        slurm_cluster.run("scancel", "--signal=USR2", job_id)
+        wait_until(lambda n=count: len(records(run_dir, "preempted")) == n, f"preemption {count} not recorded")
+        preempted_at = records(run_dir, "preempted")[-1]["step"]
+    assert wait_for(slurm_cluster, job_id, timeout=300) == "COMPLETED"
+    assert int(slurm_cluster.job(job_id)["Restarts"]) == 2
+    assert len(metrics(run_dir, "resume")) == 2
+    assert metrics(run_dir, "summary")[-1]["steps"] == 900
+
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(PREEMPTIBLE.format(root=tmp_path / "local"))
+    result = dlaunch("run", str(plain), "--nodes", "2", "--procs-per-node", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = torch.load(only_run_dir(tmp_path / "local") / "model.pt")
+    actual = torch.load(run_dir / "model.pt")
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), f"{name} differs after two preemptions"
