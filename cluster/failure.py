@@ -38,7 +38,7 @@ def _alive(run_dir: str, rank: int) -> bool:
 
 # Among ranks seen ending in the same poll: a hard death causes failures in its peers'
 # collectives, never the other way round; a signal we sent comes after both.
-_PRIORITY = {KILLED: 0, "failed": 1, "terminated": 2, "done": 3}
+_PRIORITY = {KILLED: 0, "failed": 1, "terminated": 2, "preempted": 2, "done": 3}
 
 
 class _End(NamedTuple):

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from cluster.base import JobState
-from cluster.failure import first_failure, rank_failure_report
+from cluster.failure import LOG_TAIL, first_failure, rank_failure_report
 from launcher.errors import UsageError
 from launcher.plan import LaunchPlan
 from launcher.rundir import PLAN, rank_log, rank_status
@@ -175,9 +175,11 @@ class SlurmJob:
         failure = first_failure(self.run_dir, self.plan.topology.world_size)
         if failure is not None:
             print(rank_failure_report(self.run_dir, self.plan.topology, *failure), file=sys.stderr)
-        else:
-            print(f"error: Slurm job {self.job_id} ended {self._state()}; see "
-                  f"{self.run_dir}/logs/slurm-{self.job_id}.out", file=sys.stderr)
+        else:  # no rank got to run: the batch script itself stopped
+            tail = self.output().splitlines()[-LOG_TAIL:]
+            print("\n".join([f"error: Slurm job {self.job_id} ended {self._state()} before any rank "
+                             f"ran; last lines of {self.run_dir}/logs/slurm-{self.job_id}.out:",
+                             *(f"  {line}" for line in tail)]), file=sys.stderr)
         return 1
 
 

@@ -9,10 +9,13 @@ does). The requeued job resumes from that checkpoint.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 from types import FrameType
+
+log = logging.getLogger(__name__)
 
 SIGNAL_VAR = "DLAUNCH_PREEMPT_SIGNAL"
 REQUEUE_VAR = "DLAUNCH_REQUEUE"
@@ -30,17 +33,24 @@ def _request(signum: int, frame: FrameType | None) -> None:
 
 
 def install() -> str | None:
-    """Catch the configured signal, if any; its name."""
+    """Catch the configured signal, if any, and SIGTERM with it: Slurm ends a
+    preempted, requeued or timed-out job with SIGTERM and, KillWait seconds later,
+    SIGKILL; the step that is running gets its checkpoint in between."""
     name = os.environ.get(SIGNAL_VAR)
     if name:
         signal.signal(getattr(signal, f"SIG{name}"), _request)
+        signal.signal(signal.SIGTERM, _request)
     return name
 
 
 def requeue() -> bool:
-    """Put this Slurm job back in the queue; False when the job asked not to be."""
+    """Put this Slurm job back in the queue. False when the job asked not to be, or
+    when Slurm refuses because the job is already on its way out (requeued by
+    `scontrol requeue`, preempted, or cancelled: then its own fate stands)."""
     job = os.environ.get("SLURM_JOB_ID")
     if os.environ.get(REQUEUE_VAR) != "1" or not job:
         return False
-    subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, timeout=60)
-    return True
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        log.warning("scontrol requeue %s: %s", job, done.stderr.strip())
+    return done.returncode == 0

@@ -107,6 +107,19 @@ def test_a_failing_node_ends_the_job_naming_node_and_rank(slurm_cluster, tmp_pat
     assert "RuntimeError: disk on fire" in result.stderr
 
 
+def test_an_unresolvable_rendezvous_host_fails_loudly_naming_it(slurm_cluster, tmp_path):
+    # As in a container without scontrol whose fallback name no node knows.
+    recipe = tmp_path / "lost.yaml"
+    recipe.write_text(json.dumps({"cluster": {"slurm": {
+        "setup": ["scontrol() { echo nowhere.invalid; }"]}}}))
+    script = tmp_path / "never.py"
+    script.write_text("raise SystemExit('the agents must not start')\n")
+    result = dlaunch("run", str(recipe), "--cluster", "slurm", "--script", str(script), "--nodes", "2",
+                     "--set", f"logging.run_root={tmp_path / 'runs'}", env=slurm_cluster.env, timeout=120)
+    assert result.returncode == 1
+    assert "error: rendezvous host 'nowhere.invalid' does not resolve" in result.stderr
+
+
 def test_status_logs_and_cancel_of_a_real_job(slurm_cluster, tmp_path):
     script = tmp_path / "sleepy.py"
     script.write_text("import logging, time\nlogging.getLogger('launcher').info('sleeping now')\n"
@@ -175,12 +188,14 @@ def test_preempted_twice_requeues_resumes_and_ends_with_the_unpreempted_weights(
     job_id = submit(slurm_cluster, str(recipe), "--nodes", "2", "--procs-per-node", "1")
     run_dir = only_run_dir(tmp_path / "slurm")
     preempted_at = 0
-    for count in (1, 2):
-        # Signal mid-training: this attempt has run 50 steps past the last preemption.
+    # The configured signal first (what --signal sends before the time limit), then
+    # Slurm's own requeue (SIGTERM to every process, SIGKILL after KillWait).
+    for count, preempt in ((1, ("scancel", "--signal=USR2", job_id)), (2, ("scontrol", "requeue", job_id))):
+        # Mid-training: this attempt has run 50 steps past the last preemption.
         wait_until(lambda after=preempted_at: max((r["step"] for r in records(run_dir, "train")), default=0)
                    > after + 50,
                    f"no training progress before preemption {count}")
-        slurm_cluster.run("scancel", "--signal=USR2", job_id)
+        slurm_cluster.run(*preempt)
         wait_until(lambda n=count: len(records(run_dir, "preempted")) == n, f"preemption {count} not recorded")
         preempted_at = records(run_dir, "preempted")[-1]["step"]
     assert wait_for(slurm_cluster, job_id, timeout=300) == "COMPLETED"
