@@ -211,3 +211,18 @@ def test_preempted_twice_requeues_resumes_and_ends_with_the_unpreempted_weights(
     actual = torch.load(run_dir / "model.pt")
     for name in expected:
         assert torch.equal(expected[name], actual[name]), f"{name} differs after two preemptions"
+
+
+def test_dependency_chains_jobs(slurm_cluster, tmp_path):
+    first = tmp_path / "first.py"
+    first.write_text("import pathlib, sys, time\ntime.sleep(3)\n"
+                     "pathlib.Path(sys.argv[1], 'first-done').write_text('yes')\n")
+    second = tmp_path / "second.py"
+    second.write_text("import pathlib, sys\n"
+                      "assert pathlib.Path(sys.argv[1], 'first-done').exists(), 'ran before the first job'\n")
+    job_a = submit(slurm_cluster, "--script", str(first), "--set", f"logging.run_root={tmp_path / 'a'}",
+                   "--", str(tmp_path))
+    job_b = submit(slurm_cluster, "--script", str(second), "--dependency", f"afterok:{job_a}",
+                   "--set", f"logging.run_root={tmp_path / 'b'}", "--", str(tmp_path))
+    assert slurm_cluster.job(job_b)["JobState"] == "PENDING"
+    assert [wait_for(slurm_cluster, job) for job in (job_a, job_b)] == ["COMPLETED", "COMPLETED"]
