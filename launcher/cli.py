@@ -148,39 +148,21 @@ def _resumed_plan(run_dir: str):
                          "directory?", key="--resume") from None
 
 
-def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
-    from launcher import rundir
-
+def _run_plan(args: argparse.Namespace, script_args: list[str]):
+    """The plan to launch, and the source map of its recipe (None when resuming)."""
     if args.resume:
         if args.recipe or args.overrides or args.script or args.nodes or args.procs_per_node or args.cluster:
             raise UsageError("--resume takes the run's own plan; give no recipe, --set, "
                              "--script, --cluster or topology flags with it", key="--resume")
-        plan = _resumed_plan(args.resume)
-    else:
-        if args.recipe is None and args.script is None:
-            raise UsageError("give a recipe to train, or --script to launch", key=args.command)
-        from launcher.recipe import locate
+        return _resumed_plan(args.resume), None
+    if args.recipe is None and args.script is None:
+        raise UsageError("give a recipe to train, or --script to launch", key=args.command)
+    return _make_plan(args, script_args, time.strftime("%Y%m%d-%H%M%S"))
 
-        plan, source = _make_plan(args, script_args, time.strftime("%Y%m%d-%H%M%S"))
-    slurm = plan.topology.backend == "slurm"
-    if args.command == "submit" and not slurm:
-        raise UsageError("submit hands a job to Slurm; add --cluster slurm", key="--cluster")
-    if (args.dry_run or args.dependency) and not slurm:
-        raise UsageError("--dry-run and --dependency are for --cluster slurm", key="--cluster")
-    if args.dry_run:
-        from cluster.slurm import render
 
-        print(render(plan), end="")
-        return 0
-    if args.resume:
-        print(f"dlaunch: resuming {plan.run_dir}", file=sys.stderr)
-    else:
-        try:
-            rundir.create(plan, sys.argv)
-        except UsageError as err:
-            raise locate(err, source) from None
-        print(f"dlaunch: run dir {plan.run_dir}", file=sys.stderr)
-    if not slurm:
+def _launch(plan, args: argparse.Namespace) -> int:
+    """Hand the plan to its backend; wait for the job unless this is `submit`."""
+    if plan.topology.backend == "local":
         from cluster.local import LocalBackend
 
         return LocalBackend().submit(plan).wait()
@@ -192,6 +174,32 @@ def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
         print(job.job_id)
         return 0
     return job.wait()
+
+
+def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
+    from launcher import rundir
+    from launcher.recipe import locate
+
+    plan, source = _run_plan(args, script_args)
+    slurm = plan.topology.backend == "slurm"
+    if args.command == "submit" and not slurm:
+        raise UsageError("submit hands a job to Slurm; add --cluster slurm", key="--cluster")
+    if (args.dry_run or args.dependency) and not slurm:
+        raise UsageError("--dry-run and --dependency are for --cluster slurm", key="--cluster")
+    if args.dry_run:
+        from cluster.slurm import render
+
+        print(render(plan), end="")
+        return 0
+    if source is None:
+        print(f"dlaunch: resuming {plan.run_dir}", file=sys.stderr)
+    else:
+        try:
+            rundir.create(plan, sys.argv)
+        except UsageError as err:
+            raise locate(err, source) from None
+        print(f"dlaunch: run dir {plan.run_dir}", file=sys.stderr)
+    return _launch(plan, args)
 
 
 def _cmd_status(args: argparse.Namespace, _: list[str]) -> int:
