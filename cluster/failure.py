@@ -12,7 +12,7 @@ import fcntl
 from typing import NamedTuple
 
 from launcher.plan import Topology
-from launcher.rundir import rank_lock, rank_log, rank_status
+from launcher.rundir import rank_host, rank_lock, rank_log, rank_status
 
 LOG_TAIL = 20
 KILLED = "killed"
@@ -89,7 +89,9 @@ def rank_failure_report(run_dir: str, topology: Topology, rank: int, status: str
     why = status.removeprefix("failed: ")
     if status == KILLED:
         why = "killed before it could say why (SIGKILL, the OOM killer or a native crash)"
-    lines = [f"error: rank {rank} (node {node}, local rank {local}) failed: {why}"]
+    host = rank_host(run_dir, rank)
+    on = f" on {host.read_text().strip()}" if host.exists() else ""
+    lines = [f"error: rank {rank} (node {node}{on}, local rank {local}) failed: {why}"]
     log = rank_log(run_dir, rank)
     if log.exists():
         tail = log.read_text(errors="replace").splitlines()[-LOG_TAIL:]

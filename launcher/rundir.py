@@ -49,6 +49,11 @@ def rank_status(run_dir: str | Path, rank: int) -> Path:
     return Path(run_dir) / LOGS / f"rank-{rank}.status"
 
 
+def rank_host(run_dir: str | Path, rank: int) -> Path:
+    """The host a rank runs on (Slurm's node name where there is one), for reports."""
+    return Path(run_dir) / LOGS / f"rank-{rank}.host"
+
+
 def rank_lock(run_dir: str | Path, rank: int) -> Path:
     """POSIX-locked by the rank's process for as long as it lives, so that a launcher on
     the same host sees the moment a rank dies, even one killed too hard to say so."""

@@ -15,6 +15,7 @@ import logging
 import os
 import runpy
 import signal
+import socket
 import sys
 import traceback
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import IO
 
 from launcher import preemption
 from launcher.plan import LaunchPlan, ScriptPlan
-from launcher.rundir import PLAN, rank_lock, rank_log, rank_status, write_atomic
+from launcher.rundir import PLAN, rank_host, rank_lock, rank_log, rank_status, write_atomic
 
 log = logging.getLogger("launcher")
 
@@ -157,6 +158,7 @@ def main(run_dir: Path) -> int:
     _stop_on_signal(run_dir, rank)
     preemption.install()  # after the stop handlers: the preemption signal only asks for a checkpoint
     write_status(run_dir, rank, "running")
+    write_atomic(rank_host(run_dir, rank), os.environ.get("SLURMD_NODENAME", socket.gethostname()) + "\n")
     log.info("rank %d of %s on node %s, pid %d", rank, os.environ["WORLD_SIZE"],
              os.environ["NODE_RANK"], os.getpid())
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +23,8 @@ from cluster.local import LocalBackend, LocalJob
 from launcher.plan import HostFacts, LaunchPlan, build_plan
 from launcher.recipe import Recipe
 from launcher.rundir import LOGS, PLAN, rank_status
+
+HOST = socket.gethostname()
 
 pytestmark = pytest.mark.integration
 
@@ -147,7 +150,7 @@ dist.barrier()
     assert wait(job) == 1
     assert job.status() == "FAILED"
     err = capfd.readouterr().err
-    assert "error: rank 1 (node 1, local rank 0) failed: ValueError: bad batch on rank 1" in err
+    assert f"error: rank 1 (node 1 on {HOST}, local rank 0) failed: ValueError: bad batch on rank 1" in err
     report = err[err.index("error: rank 1"):]
     assert 'raise ValueError("bad batch on rank 1")' in report  # the tail of its log
     assert "failed: ValueError" in rank_status(plan.run_dir, 1).read_text()
@@ -164,7 +167,7 @@ dist.barrier()
     job = submit(plan)
     assert wait(job) == 1
     err = capfd.readouterr().err
-    assert "error: rank 1 (node 0, local rank 1) failed: " in err
+    assert f"error: rank 1 (node 0 on {HOST}, local rank 1) failed: " in err
     assert "SIGKILL" in err[err.index("error: rank 1"):].splitlines()[0]
     assert rank_status(plan.run_dir, 1).read_text() == "running\n"
 
@@ -210,7 +213,7 @@ def test_a_node_agent_killed_hard_takes_its_workers_and_the_job_down(tmp_path, s
     pids = wait_until_running(plan, tmp_path / "out")
     os.kill(pids[1]["agent"], signal.SIGKILL)
     assert wait(job) == 1
-    assert "error: rank 1 (node 1, local rank 0) failed: " in capfd.readouterr().err
+    assert f"error: rank 1 (node 1 on {HOST}, local rank 0) failed: " in capfd.readouterr().err
     for p in pids:
         assert gone(p["worker"]) and gone(p["agent"])
 
