@@ -9,6 +9,7 @@ shell-quoted `export`; the agent command itself is a constant.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -36,7 +37,7 @@ _STATES: dict[str, JobState] = {
 }
 
 
-def _sbatch_options(plan: LaunchPlan, log_dir: str) -> list[str]:
+def _sbatch_options(plan: LaunchPlan, output: str) -> list[str]:
     slurm, topo = plan.recipe.cluster.slurm, plan.topology
     gpus = slurm.gpus_per_node
     if gpus is None and topo.device == "cuda":
@@ -46,8 +47,8 @@ def _sbatch_options(plan: LaunchPlan, log_dir: str) -> list[str]:
         f"--nodes={topo.nodes}",
         "--ntasks-per-node=1",
         f"--time={slurm.time}",
-        f"--output={log_dir}/slurm-%j.out",
-        f"--error={log_dir}/slurm-%j.out",
+        f"--output={output}",
+        f"--error={output}",
         # A requeued job writes on where it left off instead of truncating its output.
         "--open-mode=append",
     ]
@@ -77,7 +78,8 @@ def _container(plan: LaunchPlan, cwd: str) -> tuple[list[str], str, str]:
     container = plan.recipe.cluster.slurm.container
     if container is None:
         return [], "", ""
-    mounts = ",".join([f"{plan.run_dir}:{plan.run_dir}", f"{cwd}:{cwd}", *container.mounts])
+    runs = str(Path(plan.run_dir).parent)  # the run root: every run dir of an array job
+    mounts = ",".join([f"{runs}:{runs}", f"{cwd}:{cwd}", *container.mounts])
     exports = [f"export DLAUNCH_CONTAINER_IMAGE={shlex.quote(container.image)}",
                f"export DLAUNCH_CONTAINER_MOUNTS={shlex.quote(mounts)}"]
     if container.runtime == "pyxis":
@@ -87,8 +89,23 @@ def _container(plan: LaunchPlan, cwd: str) -> tuple[list[str], str, str]:
     return exports, "", 'apptainer exec --nv --bind "$DLAUNCH_CONTAINER_MOUNTS" "$DLAUNCH_CONTAINER_IMAGE" '
 
 
-def render(plan: LaunchPlan, *, python: str | None = None, cwd: str | None = None) -> str:
-    """The sbatch script for ``plan``."""
+def _run_dir_export(plan: LaunchPlan, array: list[LaunchPlan]) -> tuple[str, str]:
+    """(the lines that set DLAUNCH_RUN_DIR, the --output path) for a job or an array."""
+    if not array:
+        return f"export DLAUNCH_RUN_DIR={shlex.quote(plan.run_dir)}", f"{plan.run_dir}/logs/slurm-%j.out"
+    dirs = " ".join(shlex.quote(p.run_dir) for p in array)
+    lines = ("# An array job: task N trains grid point N, in a run directory of its own.\n"
+             f"RUN_DIRS=({dirs})\n"
+             'export DLAUNCH_RUN_DIR="${RUN_DIRS[$SLURM_ARRAY_TASK_ID]}"')
+    # sbatch expands %a (the task) but no shell variable: the run dirs end in -a<task>.
+    return lines, f"{plan.run_dir.removesuffix('-a0')}-a%a/logs/slurm-%A_%a.out"
+
+
+def render(plan: LaunchPlan, *, python: str | None = None, cwd: str | None = None,
+           array: list[LaunchPlan] = ()) -> str:
+    """The sbatch script for ``plan``; for an array job, ``array`` holds the plans of
+    all its tasks (``plan`` is the first), which differ in nothing but their recipes'
+    training keys and their run directories."""
     slurm, topo = plan.recipe.cluster.slurm, plan.topology
     cwd = cwd or os.getcwd()
     exports, srun_options, container_exec = _container(plan, cwd)
@@ -101,12 +118,19 @@ def render(plan: LaunchPlan, *, python: str | None = None, cwd: str | None = Non
         setup = ("\n# Set-up from cluster.slurm.setup, run as written.\n"
                  "# shellcheck disable=SC1091  # files of the user's, not ours to follow\n"
                  "{\n" + "\n".join(slurm.setup) + "\n}\n")
+    for index, other in enumerate(array[1:], start=1):
+        if render(other, python=python, cwd=cwd).replace(other.run_dir, plan.run_dir) != \
+                render(plan, python=python, cwd=cwd):
+            raise UsageError(f"grid point {index} changes the sbatch script (nodes, GPUs, time, "
+                             "env...); an array varies training keys only", key="--array")
+    run_dir_export, output = _run_dir_export(plan, list(array))
+    options = _sbatch_options(plan, output) + ([f"--array=0-{len(array) - 1}"] if array else [])
     values = {
         "job_title": (slurm.job_name or plan.name).replace("\n", " "),
         "run_dir_comment": plan.run_dir.replace("\n", " "),
-        "sbatch_options": "\n".join(_sbatch_line(o) for o in _sbatch_options(plan, f"{plan.run_dir}/logs")),
+        "sbatch_options": "\n".join(_sbatch_line(o) for o in options),
         "procs_per_node": str(topo.procs_per_node),
-        "run_dir": shlex.quote(plan.run_dir),
+        "run_dir_export": run_dir_export,
         "python": shlex.quote(python),
         "env_exports": "\n".join(exports),
         "setup": setup,
@@ -183,26 +207,33 @@ class SlurmJob:
         return 1
 
 
-def submit_script(plan: LaunchPlan, extra: list[str] = ()) -> str:
-    """Write RUN_DIR/slurm/job.sbatch, sbatch it, record and return the job id."""
-    run_dir = Path(plan.run_dir)
-    (run_dir / "slurm").mkdir(exist_ok=True)
-    script = run_dir / SCRIPT
-    script.write_text(render(plan))
-    result = _run(["sbatch", "--parsable", *extra, str(script)])
-    job_id = result.stdout.strip().split(";")[0]
-    (run_dir / JOB_ID).write_text(job_id + "\n")
-    return job_id
-
-
 class SlurmBackend:
     def __init__(self, sbatch_args: list[str] = ()) -> None:
         self.sbatch_args = list(sbatch_args)
 
+    def _sbatch(self, script_text: str, plans: list[LaunchPlan]) -> str:
+        """Write the script into each run dir, sbatch it once; the job id."""
+        for plan in plans:
+            for rank in range(plan.topology.world_size):
+                rank_status(plan.run_dir, rank).unlink(missing_ok=True)
+            (Path(plan.run_dir) / "slurm").mkdir(exist_ok=True)
+            (Path(plan.run_dir) / SCRIPT).write_text(script_text)
+        result = _run(["sbatch", "--parsable", *self.sbatch_args, str(Path(plans[0].run_dir) / SCRIPT)])
+        return result.stdout.strip().split(";")[0]
+
     def submit(self, plan: LaunchPlan) -> SlurmJob:
-        for rank in range(plan.topology.world_size):
-            rank_status(plan.run_dir, rank).unlink(missing_ok=True)
-        return SlurmJob(plan, submit_script(plan, self.sbatch_args))
+        job_id = self._sbatch(render(plan), [plan])
+        (Path(plan.run_dir) / JOB_ID).write_text(job_id + "\n")
+        return SlurmJob(plan, job_id)
+
+    def submit_array(self, plans: list[LaunchPlan]) -> list[SlurmJob]:
+        """One array job, task N running plans[N]."""
+        job_id = self._sbatch(render(plans[0], array=plans), plans)
+        jobs = []
+        for index, plan in enumerate(plans):
+            (Path(plan.run_dir) / JOB_ID).write_text(f"{job_id}_{index}\n")
+            jobs.append(SlurmJob(plan, f"{job_id}_{index}"))
+        return jobs
 
 
 def _run_dir_of(job_id: str) -> Path:
@@ -217,7 +248,7 @@ def _run_dir_of(job_id: str) -> Path:
 def find_job(target: str) -> SlurmJob:
     """A job named by its run directory or its Slurm job id."""
     run_dir = Path(target)
-    if target.isdigit() and not run_dir.is_dir():
+    if re.fullmatch(r"\d+(_\d+)?", target) and not run_dir.is_dir():  # 1234, or 1234_5 in an array
         job_id, run_dir = target, _run_dir_of(target)
     else:
         try:

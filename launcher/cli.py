@@ -8,6 +8,8 @@ Exit codes follow torchrun and sbatch: 0 success, 1 the job failed, 2 bad input,
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import sys
 import time
 from pathlib import Path
@@ -55,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
                              help="Slurm: print the sbatch script instead of submitting it")
         command.add_argument("--dependency", metavar="SPEC",
                              help="Slurm: sbatch --dependency, e.g. afterok:1234")
+        command.add_argument("--array", action="append", default=[], metavar="KEY=[V1, V2, ...]",
+                             help="Slurm: one array job over a grid of recipe values (repeatable: "
+                                  "the grid is the product), each task in its own run dir")
 
     for name, text in (("status", "the state of a job"), ("logs", "a job's log"),
                        ("cancel", "stop a job and every process of it")):
@@ -148,58 +153,96 @@ def _resumed_plan(run_dir: str):
                          "directory?", key="--resume") from None
 
 
-def _run_plan(args: argparse.Namespace, script_args: list[str]):
-    """The plan to launch, and the source map of its recipe (None when resuming)."""
+def _grid(specs: list[str]) -> list[list[str]]:
+    """`--array optim.lr=[1e-3, 3e-3] --array train.seed=[1, 2]` -> the overrides of
+    each of the 4 grid points."""
+    from launcher.yamlio import parse_override
+
+    axes = []
+    for spec in specs:
+        keys, values = parse_override(spec)
+        if not isinstance(values, list) or not values:
+            raise UsageError(f"{spec!r}: give the values as a list, e.g. optim.lr=[1e-3, 3e-3]",
+                             key="--array")
+        axes.append([f"{'.'.join(keys)}={json.dumps(value)}" for value in values])
+    return [list(point) for point in itertools.product(*axes)]
+
+
+def _run_plans(args: argparse.Namespace, script_args: list[str]):
+    """The plans to launch (one, or one per grid point of --array) and the source map of
+    each one's recipe (None when resuming)."""
     if args.resume:
-        if args.recipe or args.overrides or args.script or args.nodes or args.procs_per_node or args.cluster:
-            raise UsageError("--resume takes the run's own plan; give no recipe, --set, "
+        if (args.recipe or args.overrides or args.script or args.nodes or args.procs_per_node
+                or args.cluster or args.array):
+            raise UsageError("--resume takes the run's own plan; give no recipe, --set, --array, "
                              "--script, --cluster or topology flags with it", key="--resume")
-        return _resumed_plan(args.resume), None
+        return [(_resumed_plan(args.resume), None)]
     if args.recipe is None and args.script is None:
         raise UsageError("give a recipe to train, or --script to launch", key=args.command)
-    return _make_plan(args, script_args, time.strftime("%Y%m%d-%H%M%S"))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if not args.array:
+        return [_make_plan(args, script_args, stamp)]
+    return [_make_plan(argparse.Namespace(**{**vars(args), "overrides": [*args.overrides, *point]}),
+                       script_args, f"{stamp}-a{index}")
+            for index, point in enumerate(_grid(args.array))]
 
 
-def _launch(plan, args: argparse.Namespace) -> int:
-    """Hand the plan to its backend; wait for the job unless this is `submit`."""
-    if plan.topology.backend == "local":
-        from cluster.local import LocalBackend
+def _create_run_dirs(planned: list) -> None:
+    """All or none: a failure removes the run dirs this call already made."""
+    import shutil
 
-        return LocalBackend().submit(plan).wait()
-    from cluster.slurm import SlurmBackend
-
-    job = SlurmBackend([f"--dependency={args.dependency}"] if args.dependency else []).submit(plan)
-    print(f"dlaunch: Slurm job {job.job_id}", file=sys.stderr)
-    if args.command == "submit":
-        print(job.job_id)
-        return 0
-    return job.wait()
-
-
-def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
     from launcher import rundir
     from launcher.recipe import locate
 
-    plan, source = _run_plan(args, script_args)
-    slurm = plan.topology.backend == "slurm"
-    if args.command == "submit" and not slurm:
-        raise UsageError("submit hands a job to Slurm; add --cluster slurm", key="--cluster")
-    if (args.dry_run or args.dependency) and not slurm:
-        raise UsageError("--dry-run and --dependency are for --cluster slurm", key="--cluster")
-    if args.dry_run:
-        from cluster.slurm import render
-
-        print(render(plan), end="")
-        return 0
-    if source is None:
-        print(f"dlaunch: resuming {plan.run_dir}", file=sys.stderr)
-    else:
+    made = []
+    for plan, source in planned:
         try:
             rundir.create(plan, sys.argv)
         except UsageError as err:
+            for run_dir in made:
+                shutil.rmtree(run_dir, ignore_errors=True)
             raise locate(err, source) from None
-        print(f"dlaunch: run dir {plan.run_dir}", file=sys.stderr)
-    return _launch(plan, args)
+        made.append(plan.run_dir)
+    for run_dir in made:
+        print(f"dlaunch: run dir {run_dir}", file=sys.stderr)
+
+
+def _launch(plans: list, args: argparse.Namespace) -> int:
+    """Hand the plans to their backend; wait for the jobs unless this is `submit`."""
+    if plans[0].topology.backend == "local":
+        from cluster.local import LocalBackend
+
+        return LocalBackend().submit(plans[0]).wait()
+    from cluster.slurm import SlurmBackend
+
+    backend = SlurmBackend([f"--dependency={args.dependency}"] if args.dependency else [])
+    jobs = backend.submit_array(plans) if args.array else [backend.submit(plans[0])]
+    for job in jobs:
+        print(f"dlaunch: Slurm job {job.job_id}: {job.run_dir}", file=sys.stderr)
+    if args.command == "submit":
+        print("\n".join(job.job_id for job in jobs))
+        return 0
+    return max(job.wait() for job in jobs)
+
+
+def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
+    planned = _run_plans(args, script_args)
+    plans = [plan for plan, _ in planned]
+    slurm = plans[0].topology.backend == "slurm"
+    if args.command == "submit" and not slurm:
+        raise UsageError("submit hands a job to Slurm; add --cluster slurm", key="--cluster")
+    if (args.dry_run or args.dependency or args.array) and not slurm:
+        raise UsageError("--dry-run, --dependency and --array are for --cluster slurm", key="--cluster")
+    if args.dry_run:
+        from cluster.slurm import render
+
+        print(render(plans[0], array=plans if args.array else []), end="")
+        return 0
+    if args.resume:
+        print(f"dlaunch: resuming {plans[0].run_dir}", file=sys.stderr)
+    else:
+        _create_run_dirs(planned)
+    return _launch(plans, args)
 
 
 def _cmd_status(args: argparse.Namespace, _: list[str]) -> int:

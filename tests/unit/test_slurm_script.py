@@ -83,3 +83,31 @@ def test_docs_example_passes_shellcheck():
     shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
     result = subprocess.run([shellcheck, "--severity=style", str(EXAMPLE)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+def grid_plans(values: list[dict]) -> list:
+    plans = []
+    for index, overrides in enumerate(values):
+        recipe = Recipe.model_validate({"data": {"source": "synthetic"}, **overrides})
+        plans.append(build_plan(recipe, host=LOGIN_NODE, data=describe(recipe.data),
+                                run_dir=f"/runs/grid-1-a{index}", backend="slurm"))
+    return plans
+
+
+def test_array_script_picks_each_tasks_run_dir():
+    plans = grid_plans([{"optim": {"lr": 1e-3}}, {"optim": {"lr": 1e-2}}])
+    script = render(plans[0], array=plans)
+    assert "#SBATCH --array=0-1" in script.splitlines()
+    assert "#SBATCH --output=/runs/grid-1-a%a/logs/slurm-%A_%a.out" in script.splitlines()
+    chosen = subprocess.run(["bash", "-c", script[script.index("RUN_DIRS="):].split("\n# The rendezvous")[0]
+                             + '\nprintf %s "$DLAUNCH_RUN_DIR"'], env={"SLURM_ARRAY_TASK_ID": "1"},
+                            capture_output=True, text=True)
+    assert chosen.stdout == "/runs/grid-1-a1"
+
+
+def test_array_that_changes_the_job_itself_is_refused():
+    from launcher.errors import UsageError
+
+    plans = grid_plans([{"cluster": {"slurm": {"time": "01:00:00"}}}, {"cluster": {"slurm": {"time": "02:00:00"}}}])
+    with pytest.raises(UsageError, match="grid point 1 changes the sbatch script"):
+        render(plans[0], array=plans)

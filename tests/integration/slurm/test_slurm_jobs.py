@@ -228,3 +228,22 @@ def test_dependency_chains_jobs(slurm_cluster, tmp_path):
                    "--set", f"logging.run_root={tmp_path / 'b'}", "--", str(tmp_path))
     assert slurm_cluster.job(job_b)["JobState"] == "PENDING"
     assert [wait_for(slurm_cluster, job) for job in (job_a, job_b)] == ["COMPLETED", "COMPLETED"]
+
+
+def test_array_job_trains_each_grid_point_in_its_own_run_dir(slurm_cluster, tmp_path):
+    recipe = tmp_path / "grid.yaml"
+    recipe.write_text(json.dumps({
+        "name": "grid", "model": {"name": "mlp", "kwargs": {"hidden": [32]}},
+        "data": {"source": "synthetic", "samples": 640, "num_features": 16, "num_classes": 4},
+        "precision": {"dtype": "fp32"}, "engine": {"name": "accelerate"},
+        "train": {"micro_batch_size": 16, "max_steps": 20},
+        "logging": {"run_root": str(tmp_path / "runs"), "progress": False}}))
+    jobs = submit(slurm_cluster, str(recipe), "--nodes", "2", "--array", "optim.lr=[0.001, 0.01]").split()
+    assert len(jobs) == 2 and jobs[0].endswith("_0") and jobs[1].endswith("_1")
+    assert [wait_for(slurm_cluster, job) for job in jobs] == ["COMPLETED", "COMPLETED"]
+    for index, lr in enumerate((0.001, 0.01)):
+        [run_dir] = (tmp_path / "runs").glob(f"grid-*-a{index}")
+        plan = json.loads((run_dir / "plan.json").read_text())
+        assert plan["recipe"]["optim"]["lr"] == lr
+        assert metrics(run_dir, "summary")[0]["steps"] == 20
+        assert (run_dir / "logs" / f"slurm-{jobs[index]}.out").exists()
