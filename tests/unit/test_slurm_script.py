@@ -111,3 +111,22 @@ def test_array_that_changes_the_job_itself_is_refused():
     plans = grid_plans([{"cluster": {"slurm": {"time": "01:00:00"}}}, {"cluster": {"slurm": {"time": "02:00:00"}}}])
     with pytest.raises(UsageError, match="grid point 1 changes the sbatch script"):
         render(plans[0], array=plans)
+
+
+@pytest.mark.parametrize("runtime", ["pyxis", "apptainer"])
+def test_container_runs_the_agents_with_the_run_root_and_workdir_mounted(runtime):
+    recipe = Recipe.model_validate({"data": {"source": "synthetic"}, "cluster": {"slurm": {
+        "container": {"image": "registry#team/dlaunch:0.1", "runtime": runtime, "mounts": ["/data:/data"]}}}})
+    plan = build_plan(recipe, host=LOGIN_NODE, data=describe(recipe.data), run_dir="/runs/r-1",
+                      backend="slurm")
+    script = render(plan, cwd="/home/me/project")
+    assert "export DLAUNCH_CONTAINER_IMAGE='registry#team/dlaunch:0.1'" in script
+    assert "export DLAUNCH_CONTAINER_MOUNTS=/runs:/runs,/home/me/project:/home/me/project,/data:/data" in script
+    assert "export DLAUNCH_PYTHON=python" in script  # the image's python, not this host's
+    agent = script[script.index("srun "):]
+    if runtime == "pyxis":
+        assert '--container-image="$DLAUNCH_CONTAINER_IMAGE"' in agent
+        assert '--container-mounts="$DLAUNCH_CONTAINER_MOUNTS"' in agent
+    else:
+        assert ('exec apptainer exec --nv --bind "$DLAUNCH_CONTAINER_MOUNTS" "$DLAUNCH_CONTAINER_IMAGE" '
+                '"$DLAUNCH_PYTHON"') in agent
