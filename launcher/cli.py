@@ -259,10 +259,12 @@ def _cmd_logs(args: argparse.Namespace, _: list[str]) -> int:
     job = find_job(args.job)
     printed = 0
     while True:
+        # The state before the read: once the job has ended, this read is its last.
+        going_on = args.follow and job.status() in ("PENDING", "RUNNING")
         text = job.logs(args.rank) if args.rank is not None else job.output()
         print(text[printed:], end="", flush=True)
         printed = len(text)
-        if not args.follow or job.status() not in ("PENDING", "RUNNING"):
+        if not going_on:
             return 0
         time.sleep(1)
 

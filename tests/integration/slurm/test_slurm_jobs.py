@@ -247,3 +247,14 @@ def test_array_job_trains_each_grid_point_in_its_own_run_dir(slurm_cluster, tmp_
         assert plan["recipe"]["optim"]["lr"] == lr
         assert metrics(run_dir, "summary")[0]["steps"] == 20
         assert (run_dir / "logs" / f"slurm-{jobs[index]}.out").exists()
+
+
+def test_logs_follow_prints_the_output_until_the_job_ends(slurm_cluster, tmp_path):
+    script = tmp_path / "ticks.py"
+    script.write_text("import time\nfor i in range(5):\n    print(f'tick {i}', flush=True)\n    time.sleep(1)\n")
+    job_id = submit(slurm_cluster, "--script", str(script), "--set", f"logging.run_root={tmp_path / 'runs'}")
+    followed = dlaunch("logs", "-f", job_id, env=slurm_cluster.env, timeout=180)
+    assert followed.returncode == 0
+    assert [line for line in followed.stdout.splitlines() if line.startswith("tick")] == \
+        [f"tick {i}" for i in range(5)]
+    assert slurm_cluster.job(job_id)["JobState"] == "COMPLETED"
