@@ -9,7 +9,10 @@ RUN_DIR/
   tb/               TensorBoard event files
   checkpoints/      step-XXXXXXXX/ directories and the `latest` pointer
   logs/rank-N.log   each rank's log; rank-N.status its last known state;
-                    rank-N.lock held while the rank's process lives
+                    rank-N.lock held while the rank's process lives; rank-N.host
+                    the host it runs on
+  slurm/            job.sbatch as submitted and job_id (Slurm jobs)
+  model.pt          the final weights, float32
 """
 
 from __future__ import annotations
