@@ -22,7 +22,9 @@ from launcher.errors import UsageError
 from launcher.plan import LaunchPlan
 from launcher.rundir import PLAN, rank_log, rank_status
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "dlaunch.sbatch"
+# Shipped inside the package (an installed dlaunch has no source tree); slurm/dlaunch.sbatch
+# in the repository links here.
+TEMPLATE = Path(__file__).resolve().parent / "templates" / "dlaunch.sbatch"
 SCRIPT = "slurm/job.sbatch"
 JOB_ID = "slurm/job_id"
 POLL_S = 2.0
