@@ -51,3 +51,12 @@ def test_explain_prints_a_keys_documentation():
     result = dlaunch("explain", "optim.reference_batch")
     assert result.returncode == 0
     assert "global batch" in result.stdout
+
+
+def test_slurm_dry_run_prints_the_script_and_writes_nothing(tmp_path):
+    result = dlaunch("run", "recipes/quickstart.yaml", "--cluster", "slurm", "--nodes", "4", "--dry-run",
+                     "--set", f"logging.run_root={tmp_path}/runs")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("#!/bin/bash\n")
+    assert "#SBATCH --nodes=4" in result.stdout
+    assert not (tmp_path / "runs").exists()
