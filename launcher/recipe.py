@@ -11,6 +11,7 @@ best practice: AdamW, warmup then cosine, gradient clipping at 1.0, bf16.
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -253,10 +254,29 @@ class SlurmConfig(Section):
     inside a container)."""
 
 
+class RayConfig(Section):
+    address: str | None = Field(default=None, pattern=_ONE_LINE)
+    """`HOST:PORT` of a running Ray cluster's head (`ray start --head` prints it);
+    `--address` overrides, and so does RAY_ADDRESS, as for any Ray driver. Unset: a
+    Ray instance on this host starts and stops with the command."""
+    storage: str | None = Field(default=None, pattern=_ONE_LINE)
+    """Directory every Ray node can reach (NFS, Lustre): run directories, checkpoints
+    and sweeps go here. Default: `logging.run_root`, which is enough on one host."""
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    """CPUs Ray reserves for each rank."""
+    gpus_per_worker: float | None = Field(default=None, ge=0)
+    """GPUs Ray reserves for each rank; default: 1 when the job runs on cuda, else 0.
+    Above 0, `cluster.device: auto` means cuda."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources reserved for each rank, e.g. `{accelerator_type:H100: 0.01}`."""
+    start_timeout: int = Field(default=300, gt=0)
+    """Seconds to wait for the cluster to grant the job's resources before giving up."""
+
+
 class ClusterConfig(Section):
-    backend: Literal["local", "slurm"] = "local"
-    """Where the job runs: local (N emulated nodes on this host) or slurm (an sbatch
-    job); `--cluster` overrides."""
+    backend: Literal["local", "slurm", "ray"] = "local"
+    """Where the job runs: local (N emulated nodes on this host), slurm (an sbatch
+    job) or ray (workers on a Ray cluster); `--cluster` overrides."""
     nodes: int = Field(default=1, gt=0)
     """Nodes; `--nodes` overrides."""
     procs_per_node: int = Field(default=1, gt=0)
@@ -267,6 +287,45 @@ class ClusterConfig(Section):
     """Seconds the node agents wait for each other at rendezvous."""
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     """The sbatch job (backend: slurm)."""
+    ray: RayConfig = Field(default_factory=RayConfig)
+    """The Ray job (backend: ray, and the trials of a sweep)."""
+
+
+class SweepSchedulerConfig(Section):
+    name: Literal["fifo", "asha", "pbt"] = "asha"
+    """fifo runs every trial to the end; asha (async successive halving) stops the
+    worse trials at each rung; pbt (population based training) copies the better
+    trials' checkpoints into the worse ones and perturbs their hyperparameters."""
+    grace_period: int = Field(default=1, gt=0)
+    """asha: evaluations a trial always gets before it may be stopped."""
+    reduction_factor: float = Field(default=2.0, gt=1)
+    """asha: keep the best 1/reduction_factor of trials at each rung."""
+    perturbation_interval: int = Field(default=2, gt=0)
+    """pbt: evaluations between two exploit/explore decisions."""
+
+
+class SweepConfig(Section):
+    space: dict[str, dict[str, Any]]
+    """The search space: one distribution per recipe key path, e.g.
+    `optim.lr: {loguniform: [1e-4, 1e-1]}`. Distributions: `choice: [values]`,
+    `grid: [values]` (every value, each num_samples times), `uniform: [low, high]`,
+    `loguniform: [low, high]`, `randint: [low, high]` (high excluded, as tune.randint)."""
+    metric: str = "val_loss"
+    """Eval metric the search optimises: val_loss or val_acc (what the trainer reports
+    at every evaluation)."""
+    mode: Literal["auto", "min", "max"] = "auto"
+    """Whether `metric` should go down or up; auto: up for accuracies."""
+    num_samples: int = Field(default=8, gt=0)
+    """Trials to sample (with grid values: repeats of the whole grid)."""
+    max_concurrent: int | None = Field(default=None, gt=0)
+    """Trials running at once; default: as many as the cluster's resources allow."""
+    search: Literal["random", "grid", "optuna"] = "random"
+    """random sampling, grid (choice and grid values only, every combination), or
+    optuna (Optuna's TPE; needs `pip install optuna`)."""
+    seed: int = 0
+    """Seed of the search: the same seed samples the same trials."""
+    scheduler: SweepSchedulerConfig = Field(default_factory=SweepSchedulerConfig)
+    """Early stopping of trials (a Ray Tune trial scheduler)."""
 
 
 class Recipe(Section):
@@ -281,6 +340,8 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    sweep: SweepConfig | None = None
+    """Hyperparameter sweep for `dlaunch sweep` (Ray Tune); `dlaunch run` ignores it."""
 
 
 def _section_fields(loc: KeyPath) -> list[str]:
@@ -288,10 +349,10 @@ def _section_fields(loc: KeyPath) -> list[str]:
     model: type[BaseModel] = Recipe
     for part in loc:
         field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        section = _section_type(getattr(field, "annotation", None))
+        if section is None:
             return []
-        model = annotation
+        model = section
     return list(model.model_fields)
 
 
@@ -399,7 +460,11 @@ def _field(model: type[BaseModel], parts: list[str], depth: int, key: str):
 
 
 def _section_type(annotation: Any) -> type[BaseModel] | None:
-    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    """The section a field holds, also for an optional one (`SweepConfig | None`)."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def _first_sentence(text: str | None) -> str:
@@ -420,5 +485,5 @@ def explain(key: str) -> str:
     if section is not None:
         rows = [f"  {name}: {_first_sentence(sub.description)}" for name, sub in section.model_fields.items()]
         return "\n".join([f"{key}: a section; `dlaunch explain {key}.KEY` for more", *rows])
-    default = field.get_default(call_default_factory=True)
-    return f"{key} (default: {default!r})\n  {' '.join((field.description or '').split())}"
+    default = "required" if field.is_required() else f"default: {field.get_default(call_default_factory=True)!r}"
+    return f"{key} ({default})\n  {' '.join((field.description or '').split())}"
