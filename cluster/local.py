@@ -11,21 +11,16 @@ from __future__ import annotations
 
 import os
 import signal
-import site
 import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from types import FrameType
 
-import launcher
 from cluster.base import JobState
 from cluster.failure import Endings, rank_failure_report
+from cluster.process import Terminated, sigterm_raises, worker_pythonpath
 from launcher.plan import LaunchPlan
 from launcher.rundir import rank_log, rank_status
 
@@ -62,34 +57,10 @@ def _agent_env(plan: LaunchPlan) -> dict[str, str]:
     env = {**os.environ, **plan.env, "DLAUNCH_RUN_DIR": plan.run_dir,
            # An env var rather than --shutdown-timeout, which older torch lacks.
            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(AGENT_GRACE_S)}
-    # Workers must import the launcher this CLI runs, also from a source checkout that
-    # is not installed, started from another directory.
-    root = Path(launcher.__file__).resolve().parent.parent
-    if root not in {Path(p).resolve() for p in site.getsitepackages()}:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    pythonpath = worker_pythonpath()
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
     return env
-
-
-class _Terminated(Exception):
-    """The CLI itself got SIGTERM."""
-
-
-@contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """SIGTERM interrupts wait() as Ctrl-C does, so the agents are stopped, not orphaned.
-    Signal handlers belong to the main thread; elsewhere the default stays."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def raise_terminated(signum: int, frame: FrameType | None) -> None:
-        raise _Terminated
-
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class LocalJob:
@@ -120,12 +91,12 @@ class LocalJob:
     def wait(self) -> int:
         endings = Endings(self.run_dir, self.plan.topology.world_size)
         try:
-            with _sigterm_raises():
+            with sigterm_raises():
                 failed = self._first_failed_agent(endings)
         except KeyboardInterrupt:
             self._stop()
             return 128 + signal.SIGINT
-        except _Terminated:
+        except Terminated:
             self._stop()
             return 128 + signal.SIGTERM
         if failed is None:

@@ -26,8 +26,11 @@ def _add_recipe_args(parser: argparse.ArgumentParser, *, optional: bool = False)
 
 
 def _add_topology_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cluster", choices=("local", "slurm"),
+    parser.add_argument("--cluster", choices=("local", "slurm", "ray"),
                         help="where the job runs (default: cluster.backend)")
+    parser.add_argument("--address", metavar="HOST:PORT",
+                        help="Ray: the cluster's head (default: cluster.ray.address, RAY_ADDRESS, "
+                             "or a Ray instance on this host for the command's duration)")
     parser.add_argument("--nodes", type=int, help="number of nodes (default: cluster.nodes)")
     parser.add_argument("--procs-per-node", "--nproc-per-node", dest="procs_per_node", type=int,
                         help="worker processes per node, one per GPU (default: cluster.procs_per_node)")
@@ -64,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (("status", "the state of a job"), ("logs", "a job's log"),
                        ("cancel", "stop a job and every process of it")):
         job = commands.add_parser(name, help=text)
-        job.add_argument("job", metavar="JOB", help="a run directory or a Slurm job id")
+        job.add_argument("job", metavar="JOB", help="a run directory, or a Slurm job id")
         if name == "logs":
             job.add_argument("--rank", type=int, help="this rank's log instead of the job's output")
             job.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
@@ -98,9 +101,12 @@ def _make_plan(args: argparse.Namespace, script_args: list[str], stamp: str):
     from launcher.models.target import check_target_importable
     from launcher.plan import build_plan
     from launcher.recipe import load_recipe, locate
-    from launcher.rundir import new_run_dir
+    from launcher.rundir import new_run_dir, run_root
 
-    recipe, source = load_recipe(args.recipe, args.overrides)
+    overrides = list(args.overrides)
+    if args.address:
+        overrides.append(f"cluster.ray.address={json.dumps(args.address)}")
+    recipe, source = load_recipe(args.recipe, overrides)
     script = getattr(args, "script", None)
     try:
         data = None
@@ -110,7 +116,7 @@ def _make_plan(args: argparse.Namespace, script_args: list[str], stamp: str):
                 check_target_importable(recipe.model.target)
         elif not Path(script).is_file():
             raise UsageError(f"script {script!r} does not exist", key="--script")
-        run_dir = new_run_dir(recipe.logging.run_root, recipe.name, stamp)
+        run_dir = new_run_dir(run_root(recipe, args.cluster or recipe.cluster.backend), recipe.name, stamp)
         plan = build_plan(recipe, host=detect_host(), data=data, run_dir=str(run_dir),
                           backend=args.cluster, nodes=args.nodes, procs_per_node=args.procs_per_node,
                           script=str(Path(script).resolve()) if script else None,
@@ -173,9 +179,9 @@ def _run_plans(args: argparse.Namespace, script_args: list[str]):
     each one's recipe (None when resuming)."""
     if args.resume:
         if (args.recipe or args.overrides or args.script or args.nodes or args.procs_per_node
-                or args.cluster or args.array):
+                or args.cluster or args.array or args.address):
             raise UsageError("--resume takes the run's own plan; give no recipe, --set, --array, "
-                             "--script, --cluster or topology flags with it", key="--resume")
+                             "--script, --cluster, --address or topology flags with it", key="--resume")
         return [(_resumed_plan(args.resume), None)]
     if args.recipe is None and args.script is None:
         raise UsageError("give a recipe to train, or --script to launch", key=args.command)
@@ -213,6 +219,8 @@ def _launch(plans: list, args: argparse.Namespace) -> int:
         from cluster.local import LocalBackend
 
         return LocalBackend().submit(plans[0]).wait()
+    if plans[0].topology.backend == "ray":
+        return _launch_on_ray(plans[0], resumed=bool(args.resume))
     from cluster.slurm import SlurmBackend
 
     backend = SlurmBackend([f"--dependency={args.dependency}"] if args.dependency else [])
@@ -225,12 +233,31 @@ def _launch(plans: list, args: argparse.Namespace) -> int:
     return max(job.wait() for job in jobs)
 
 
+def _launch_on_ray(plan, *, resumed: bool) -> int:
+    import shutil
+
+    from cluster.ray import RayBackend, connected, node_bundles, ray_address
+
+    cpus = sum(bundle.get("CPU", 0) for bundle in node_bundles(plan))
+    with connected(ray_address(plan), cpus_needed=cpus):
+        try:
+            job = RayBackend().submit(plan)
+        except UsageError:
+            if not resumed:  # nothing ran: leave nothing behind
+                shutil.rmtree(plan.run_dir, ignore_errors=True)
+            raise
+        print(f"dlaunch: Ray job {job.job_id}: {job.run_dir}", file=sys.stderr)
+        return job.wait()
+
+
 def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
     planned = _run_plans(args, script_args)
     plans = [plan for plan, _ in planned]
     slurm = plans[0].topology.backend == "slurm"
     if args.command == "submit" and not slurm:
         raise UsageError("submit hands a job to Slurm; add --cluster slurm", key="--cluster")
+    if args.address and plans[0].topology.backend != "ray":
+        raise UsageError("--address is for --cluster ray", key="--address")
     if (args.dry_run or args.dependency or args.array) and not slurm:
         raise UsageError("--dry-run, --dependency and --array are for --cluster slurm", key="--cluster")
     if args.dry_run:
@@ -245,18 +272,27 @@ def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
     return _launch(plans, args)
 
 
-def _cmd_status(args: argparse.Namespace, _: list[str]) -> int:
+def _find_job(target: str):
+    """The job a run directory or a Slurm job id names."""
+    from launcher.rundir import RAY_JOB
+
+    if (Path(target) / RAY_JOB).is_file():
+        from cluster.ray import RayJobRecord
+
+        return RayJobRecord(target)
     from cluster.slurm import find_job
 
-    job = find_job(args.job)
+    return find_job(target)
+
+
+def _cmd_status(args: argparse.Namespace, _: list[str]) -> int:
+    job = _find_job(args.job)
     print(f"{job.job_id} {job.status()} {job.run_dir}")
     return 0
 
 
 def _cmd_logs(args: argparse.Namespace, _: list[str]) -> int:
-    from cluster.slurm import find_job
-
-    job = find_job(args.job)
+    job = _find_job(args.job)
     printed = 0
     while True:
         # The state before the read: once the job has ended, this read is its last.
@@ -270,9 +306,7 @@ def _cmd_logs(args: argparse.Namespace, _: list[str]) -> int:
 
 
 def _cmd_cancel(args: argparse.Namespace, _: list[str]) -> int:
-    from cluster.slurm import find_job
-
-    job = find_job(args.job)
+    job = _find_job(args.job)
     job.cancel()
     print(f"{job.job_id} cancelled")
     return 0

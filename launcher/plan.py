@@ -32,7 +32,7 @@ class HostFacts(_Value):
 
 
 class Topology(_Value):
-    backend: Literal["local", "slurm"]
+    backend: Literal["local", "slurm", "ray"]
     nodes: int
     procs_per_node: int
     world_size: int
@@ -109,6 +109,18 @@ def _device(recipe: Recipe, backend: str, host: HostFacts) -> Literal["cpu", "cu
     device = recipe.cluster.device
     if backend == "slurm":
         return ("cuda" if recipe.cluster.slurm.gpus_per_node else "cpu") if device == "auto" else device
+    gpus_per_worker = recipe.cluster.ray.gpus_per_worker
+    if backend == "ray":
+        # The Ray cluster's nodes, not this host, run the job: GPUs asked of Ray decide;
+        # unasked, this host stands for them (it is usually the head node, or the cluster).
+        if device == "auto":
+            return "cuda" if gpus_per_worker or (gpus_per_worker is None and host.has_cuda) else "cpu"
+        if device == "cpu" and gpus_per_worker:
+            raise UsageError("GPUs requested for a cpu job", key="cluster.ray.gpus_per_worker")
+        if device == "cuda" and gpus_per_worker == 0:
+            raise UsageError("a cuda job needs GPUs; set gpus_per_worker above 0 or unset it",
+                             key="cluster.ray.gpus_per_worker")
+        return device
     if device == "auto":
         return "cuda" if host.has_cuda else "cpu"
     if device == "cuda" and not host.has_cuda:
@@ -269,6 +281,9 @@ def _env(recipe: Recipe, topo: Topology, host: HostFacts) -> dict[str, str]:
         # One intra-op thread pool per worker, sized so the workers of a node share its
         # cores instead of oversubscribing them. A Slurm node's cores are the ones the
         # job asked for, not the login node's.
+        if topo.backend == "ray":  # a rank gets the CPUs Ray reserves for it
+            env["OMP_NUM_THREADS"] = str(max(1, int(recipe.cluster.ray.cpus_per_worker)))
+            return env
         cpus = recipe.cluster.slurm.cpus_per_task if topo.backend == "slurm" else host.cpus
         if cpus:
             env["OMP_NUM_THREADS"] = str(max(1, cpus // topo.procs_per_node))

@@ -12,6 +12,8 @@ RUN_DIR/
                     rank-N.lock held while the rank's process lives; rank-N.host
                     the host it runs on
   slurm/            job.sbatch as submitted and job_id (Slurm jobs)
+  ray/job.json      the Ray cluster, job id and state (Ray jobs); ray/driver.lock is
+                    held while the process driving the job lives
   model.pt          the final weights, float32
 """
 
@@ -32,6 +34,7 @@ import yaml
 
 from launcher.errors import UsageError
 from launcher.plan import LaunchPlan
+from launcher.recipe import Recipe
 
 PLAN = "plan.json"
 RECIPE = "recipe.yaml"
@@ -40,6 +43,7 @@ METRICS = "metrics.jsonl"
 TENSORBOARD = "tb"
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"
+RAY_JOB = "ray/job.json"
 
 
 def rank_log(run_dir: str | Path, rank: int) -> Path:
@@ -66,6 +70,13 @@ def rank_lock(run_dir: str | Path, rank: int) -> Path:
 ENGINE_CONFIG = {"deepspeed": "ds_config.json", "accelerate": "accelerate.json"}
 
 
+def run_root(recipe: Recipe, backend: str) -> str:
+    """Where run directories go: on Ray, in the storage every node reaches."""
+    if backend == "ray" and recipe.cluster.ray.storage:
+        return recipe.cluster.ray.storage
+    return recipe.logging.run_root
+
+
 def new_run_dir(root: str | Path, name: str, stamp: str) -> Path:
     """RUN_ROOT/<name>-<stamp>, absolute (workers, `--resume` and other nodes may start
     elsewhere), with a -2, -3... suffix if two runs share a second."""
@@ -80,7 +91,7 @@ def new_run_dir(root: str | Path, name: str, stamp: str) -> Path:
 def _env_record(plan: LaunchPlan, argv: list[str]) -> dict[str, Any]:
     """What a person needs to reproduce the run: versions, code, host, seeds."""
     versions = {}
-    for package in ("dlaunch", "torch", "deepspeed", "accelerate", "numpy", "pyarrow", "scikit-learn"):
+    for package in ("dlaunch", "torch", "deepspeed", "accelerate", "ray", "numpy", "pyarrow", "scikit-learn"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

@@ -1,0 +1,136 @@
+"""A real two-node Ray cluster for the tests in this folder: `ray start --head` and a
+second `ray start --address`, both on this host, once per test session.
+
+Each node is one `ray start --block` process, which owns every Ray process of its node
+and stops them all when it gets SIGTERM; the fixture stops the two by pid and then
+checks that nothing of the cluster is left. Ray 2.60 advertises the 127.0.0.1 given
+here but listens on every interface (it resolves a loopback --node-ip-address to the
+host's address, and has no flag to bind a given one); these hosts reach no network but
+the package registries.
+
+Every test here is marked `ray`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+RAY = str(Path(sys.executable).with_name("ray"))
+CPUS_PER_NODE = 4
+"""Logical CPUs each node offers: room for two 2-worker trials at once on 2 cores."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if HERE in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.ray)
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    address: str
+    temp_dir: Path
+    nodes: tuple[subprocess.Popen, ...]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_node(temp_dir: Path, log: Path, *args: str) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [RAY, "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(CPUS_PER_NODE),
+             "--disable-usage-stats", "--temp-dir", str(temp_dir), *args],
+            stdout=out, stderr=subprocess.STDOUT)
+
+
+def _alive_nodes(address: str) -> int:
+    probe = (f"import ray; ray.init(address={address!r}, log_to_driver=False); "
+             "print(sum(n['Alive'] for n in ray.nodes()))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    return int(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else 0
+
+
+def _processes_under(temp_dir: Path) -> list[int]:
+    """Pids whose command line names this cluster's own temp dir (nothing else's)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if str(temp_dir) in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _stop(cluster: RayCluster) -> list[int]:
+    """SIGTERM each node's `ray start --block` (workers first); the pids of the cluster
+    still alive afterwards, which are then SIGKILLed."""
+    for node in reversed(cluster.nodes):
+        if node.poll() is None:
+            node.send_signal(signal.SIGTERM)
+            try:
+                node.wait(60)
+            except subprocess.TimeoutExpired:
+                node.kill()
+                node.wait()
+    deadline = time.monotonic() + 30
+    while _processes_under(cluster.temp_dir) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = _processes_under(cluster.temp_dir)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[RayCluster]:
+    # Ray 2.60 turns token authentication on for a cluster `ray start` creates, and a
+    # driver given an explicit address must be told to use it, as users do.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_AUTH_MODE", "token")
+        yield from _two_node_cluster()
+
+
+def _two_node_cluster() -> Iterator[RayCluster]:
+    # Short: Ray puts unix sockets in here, and their paths must stay under 107 bytes.
+    temp_dir = Path(tempfile.mkdtemp(prefix="dlray-", dir="/tmp"))
+    log = temp_dir / "nodes.log"
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    head = _start_node(temp_dir, log, "--head", "--port", str(port), "--include-dashboard=false")
+    nodes = [head]
+    cluster = RayCluster(address, temp_dir, (head,))
+    try:
+        deadline = time.monotonic() + 120
+        while _alive_nodes(address) < 1:
+            assert head.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        nodes.append(_start_node(temp_dir, log, "--address", address))
+        cluster = RayCluster(address, temp_dir, tuple(nodes))
+        while _alive_nodes(address) < 2:
+            assert all(n.poll() is None for n in nodes) and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        yield cluster
+    finally:
+        left = _stop(cluster)
+    assert not left, f"Ray processes outlived their node's `ray start`: {left}"

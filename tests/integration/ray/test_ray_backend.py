@@ -1,0 +1,131 @@
+"""`dlaunch run --cluster ray` on a real two-node Ray cluster (conftest.py): the same
+worker code as the local backend, one Ray actor per rank, each node's ranks on a Ray
+node of their own; status, logs and cancel from another process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, dlaunch, metrics, only_run_dir
+
+pytestmark = pytest.mark.integration
+
+RECIPE = """
+name: onray
+model: {{name: mlp, kwargs: {{hidden: [32], dropout: 0.1}}}}
+data: {{source: synthetic, samples: 400, num_features: 8, num_classes: 3, val_fraction: 0.2}}
+optim: {{lr: 1.0e-2}}
+engine: {{name: {engine}, zero_stage: {stage}}}
+precision: {{dtype: {dtype}}}
+train: {{micro_batch_size: 8, max_steps: {steps}, eval_every: 5, early_stopping: {{patience: null}}}}
+logging: {{run_root: {root}, log_every: 1, progress: false}}
+"""
+
+
+def write(tmp_path: Path, name: str, engine: str = "deepspeed", stage: int = 2, dtype: str = "fp32",
+          steps: int = 10) -> tuple[Path, Path]:
+    root = tmp_path / name
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(RECIPE.format(engine=engine, stage=stage, dtype=dtype, steps=steps, root=root))
+    return recipe, root
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [record["loss"] for record in metrics(run_dir, "train")]
+
+
+@pytest.mark.parametrize("engine,stage,dtype", [("deepspeed", 2, "bf16"), ("accelerate", 0, "fp32")])
+def test_a_recipe_runs_as_two_ray_nodes_and_matches_the_local_backend(tmp_path, ray_cluster, engine,
+                                                                       stage, dtype):
+    recipe, root = write(tmp_path, "ray", engine, stage, dtype)
+    on_ray = dlaunch("run", str(recipe), "--cluster", "ray", "--address", ray_cluster.address,
+                     "--nodes", "2", "--procs-per-node", "1")
+    assert on_ray.returncode == 0, on_ray.stderr[-3000:]
+    run_dir = only_run_dir(root)
+    job = json.loads((run_dir / "ray" / "job.json").read_text())
+    assert job["state"] == "COMPLETED"
+    assert len(set(job["ray_nodes"])) == 2, "the two nodes' ranks shared a Ray node"
+    assert job["address"].endswith(ray_cluster.address.split(":")[1])
+    assert [(run_dir / "logs" / f"rank-{r}.status").read_text() for r in (0, 1)] == ["done\n"] * 2
+
+    local_recipe, local_root = write(tmp_path, "local", engine, stage, dtype)
+    local = dlaunch("run", str(local_recipe), "--nodes", "2", "--procs-per-node", "1")
+    assert local.returncode == 0, local.stderr[-3000:]
+    expected = losses(only_run_dir(local_root))
+    assert len(expected) == 10
+    assert losses(run_dir) == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_job_needing_more_nodes_than_the_cluster_has_fails_before_anything_runs(tmp_path, ray_cluster):
+    recipe, root = write(tmp_path, "three")
+    result = dlaunch("run", str(recipe), "--cluster", "ray", "--address", ray_cluster.address,
+                     "--nodes", "3")
+    assert result.returncode == 2
+    assert "error: cluster.nodes" in result.stderr
+    assert "needs 3 Ray nodes and the cluster has 2" in result.stderr
+    assert not root.exists() or not any(root.iterdir())
+
+
+def _pid_of_rank(run_dir: Path, rank: int) -> int:
+    line = next(line for line in (run_dir / "logs" / f"rank-{rank}.log").read_text().splitlines()
+                if f"rank {rank} of" in line)
+    return int(line.rsplit("pid ", 1)[1])
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_status_logs_and_cancel_work_from_another_process(tmp_path, ray_cluster):
+    recipe, root = write(tmp_path, "long", steps=100000)
+    driver = subprocess.Popen([sys.executable, "-m", "launcher", "run", str(recipe), "--cluster", "ray",
+                               "--address", ray_cluster.address, "--nodes", "2"],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (root.exists() and any(root.iterdir())
+                   and (only_run_dir(root) / "metrics.jsonl").exists()):
+            assert driver.poll() is None and time.monotonic() < deadline, driver.stdout.read()
+            time.sleep(0.5)
+        run_dir = only_run_dir(root)
+        status = dlaunch("status", str(run_dir))
+        assert status.returncode == 0 and " RUNNING " in status.stdout, status.stdout + status.stderr
+        log = dlaunch("logs", str(run_dir), "--rank", "1")
+        assert "rank 1 of 2 on node 1" in log.stdout
+        pids = [_pid_of_rank(run_dir, rank) for rank in (0, 1)]
+
+        cancel = dlaunch("cancel", str(run_dir))
+        assert cancel.returncode == 0, cancel.stderr
+        assert driver.wait(60) == 128 + signal.SIGTERM
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    assert dlaunch("status", str(run_dir)).stdout.split()[1] == "CANCELLED"
+    assert all(_gone(pid) for pid in pids)
+    assert [(run_dir / "logs" / f"rank-{r}.status").read_text() for r in (0, 1)] == ["terminated: SIGTERM\n"] * 2
+
+
+def test_without_an_address_a_ray_instance_runs_for_the_command(tmp_path):
+    recipe, root = write(tmp_path, "embedded")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run([sys.executable, "-m", "launcher", "run", str(recipe), "--cluster", "ray",
+                             "--nodes", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Started a local Ray instance" in result.stderr
+    run_dir = only_run_dir(root)
+    assert json.loads((run_dir / "ray" / "job.json").read_text())["state"] == "COMPLETED"
+    assert len(losses(run_dir)) == 10
