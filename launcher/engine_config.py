@@ -75,5 +75,9 @@ def accelerate_kwargs(recipe: Recipe, *, grad_accum: int, zero_stage: int, devic
         "strategy": recipe.engine.strategy,
     }
     if recipe.engine.strategy == "fsdp":
-        kwargs["fsdp"] = {"sharding_strategy": "FULL_SHARD" if zero_stage == 3 else "SHARD_GRAD_OP"}
+        # use_orig_params: the optimizer (and its no-decay groups) is built on the model's own
+        # parameters before prepare(); FSDP1 would otherwise swap them for one flat
+        # parameter the optimizer never sees, and nothing would train (seen on an H100).
+        kwargs["fsdp"] = {"sharding_strategy": "FULL_SHARD" if zero_stage == 3 else "SHARD_GRAD_OP",
+                          "use_orig_params": True}
     return kwargs

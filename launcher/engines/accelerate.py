@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def _accelerator(kwargs: dict, plan: LaunchPlan) -> Accelerator:
     plugin = None
     if kwargs["strategy"] == "fsdp":
-        plugin = FullyShardedDataParallelPlugin(sharding_strategy=kwargs["fsdp"]["sharding_strategy"])
+        plugin = FullyShardedDataParallelPlugin(**kwargs["fsdp"])
     return Accelerator(
         cpu=kwargs["cpu"], mixed_precision=kwargs["mixed_precision"],
         gradient_accumulation_steps=kwargs["gradient_accumulation_steps"],

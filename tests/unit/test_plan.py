@@ -114,7 +114,7 @@ def test_fsdp_on_cpu_is_refused_rather_than_silently_ddp():
 def test_fsdp_on_gpus_maps_zero_stage_to_a_sharding_strategy():
     p = plan(recipe(engine={"name": "accelerate", "strategy": "fsdp", "zero_stage": 2},
                     precision={"dtype": "fp16"}), host=GPU, data=BIG, procs=8)
-    assert p.training.engine.accelerate["fsdp"] == {"sharding_strategy": "SHARD_GRAD_OP"}
+    assert p.training.engine.accelerate["fsdp"] == {"sharding_strategy": "SHARD_GRAD_OP", "use_orig_params": True}
     assert p.training.engine.accelerate["cpu"] is False
 
 
