@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -74,9 +74,11 @@ class RankActor:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    def start(self, run_dir: str, env: dict[str, str]) -> int:
+    def start(self, run_dir: str, env: dict[str, str], cwd: str) -> int:
+        """Start the rank's worker in the submitter's directory (on the storage all nodes
+        share), so that a recipe's relative paths mean what they meant there."""
         self.worker = subprocess.Popen([sys.executable, "-m", "launcher.worker", run_dir],
-                                       env={**os.environ, **env})
+                                       env={**os.environ, **env}, cwd=cwd)
         return self.worker.pid
 
     def poll(self) -> int | None:
@@ -206,15 +208,22 @@ class RayJob:
         _mark(self.run_dir, "CANCELLED")
         self._stop()
 
-    def wait(self) -> int:
+    def wait(self, every_poll: Callable[[], None] = lambda: None) -> int:
+        """Block until the job ends; its exit code. ``every_poll`` runs at each look at
+        the ranks (a sweep trial passes on new metrics from there)."""
         endings = Endings(self.run_dir, self.plan.topology.world_size)
         try:
             with sigterm_raises():
-                failed = self._first_failed_rank(endings)
+                failed = self._first_failed_rank(endings, every_poll)
         except (KeyboardInterrupt, Terminated) as stopped:
             self._stop()
             self._end("CANCELLED")
             return 128 + (signal.SIGINT if isinstance(stopped, KeyboardInterrupt) else signal.SIGTERM)
+        except BaseException:
+            # Whoever drives the job is going away (Tune stopping a trial exits its
+            # thread): take the ranks down now rather than when Ray reaps the actors.
+            self._end("CANCELLED")
+            raise
         if failed is None:
             self._end("COMPLETED")
             return 0
@@ -229,10 +238,11 @@ class RayJob:
         self._end("FAILED")
         return 1
 
-    def _first_failed_rank(self, endings: Endings) -> int | None:
+    def _first_failed_rank(self, endings: Endings, every_poll: Callable[[], None]) -> int | None:
         while True:
             codes = ray.get([actor.poll.remote() for actor in self._actors])
             endings.poll()
+            every_poll()
             for rank, code in enumerate(codes):
                 if code:
                     return rank
@@ -295,7 +305,8 @@ class RayBackend:
             node = rank // topo.procs_per_node
             node_gpus = [g for ids in gpus[node * topo.procs_per_node:(node + 1) * topo.procs_per_node]
                          for g in ids]
-            ray.get(actor.start.remote(plan.run_dir, _rank_env(plan, job_id, rank, master, node_gpus)))
+            ray.get(actor.start.remote(plan.run_dir, _rank_env(plan, job_id, rank, master, node_gpus),
+                                       os.getcwd()))
         return RayJob(plan, job_id, actors, group, own_group, driver_lock)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -71,6 +72,16 @@ def _parser() -> argparse.ArgumentParser:
         if name == "logs":
             job.add_argument("--rank", type=int, help="this rank's log instead of the job's output")
             job.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
+
+    sweep = commands.add_parser(
+        "sweep", help="run the recipe's sweep: section with Ray Tune, each trial a distributed job",
+        description="Search the recipe's sweep: space with Ray Tune. Each trial is a full run of "
+                    "the recipe on --nodes x --procs-per-node Ray workers, with its own run dir; "
+                    "at the end, a table of trials, best.yaml and metric.png in the sweep dir.")
+    _add_recipe_args(sweep, optional=True)
+    _add_topology_args(sweep)
+    sweep.add_argument("--resume", metavar="SWEEP_DIR",
+                       help="continue an interrupted sweep; finished trials are not run again")
 
     plan = commands.add_parser("plan", help="print the launch plan without running anything")
     _add_recipe_args(plan)
@@ -312,8 +323,105 @@ def _cmd_cancel(args: argparse.Namespace, _: list[str]) -> int:
     return 0
 
 
+def _sweep_plans(recipe, source, spec, sweep_dir: Path, args: argparse.Namespace) -> list:
+    """A trial plan for the recipe as it is and for every value and bound of the space,
+    so that a value no trial could run with is refused before any trial starts."""
+    from launcher.data.facts import describe
+    from launcher.host import detect_host
+    from launcher.plan import build_plan
+    from launcher.recipe import recipe_from_data
+    from launcher.yamlio import apply_override, parse_override
+
+    host = detect_host()
+    probe = str(sweep_dir / "trials" / "probe")
+
+    def plan(trial_recipe):
+        return build_plan(trial_recipe, host=host, data=describe(trial_recipe.data), run_dir=probe,
+                          backend="ray", nodes=args.nodes, procs_per_node=args.procs_per_node)
+
+    plans = [plan(recipe)]
+    base = recipe.model_dump(mode="json")
+    for dim in spec.dimensions:
+        values = dim.values if dim.values is not None else dim.extremes
+        for value in values:
+            data = json.loads(json.dumps(base))
+            apply_override(data, *parse_override(f"{dim.key}={json.dumps(value)}"))
+            try:
+                plans.append(plan(recipe_from_data(data, source)))
+            except UsageError as err:
+                raise UsageError(f"value {value!r}: {err.key}: {err.message}", key=f"sweep.space.{dim.key}",
+                                 line=source.lines.get(("sweep", "space", dim.key))) from None
+    return plans
+
+
+def _create_sweep_dir(sweep_dir: Path, recipe, args: argparse.Namespace, plans: list) -> None:
+    """recipe.yaml and sweep.json, all or nothing (like a run dir)."""
+    import shutil
+
+    import yaml
+
+    from launcher.rundir import RECIPE, write_durably
+
+    staging = sweep_dir.with_name(f".{sweep_dir.name}.tmp")
+    topology = plans[0].topology
+    try:
+        (staging / "trials").mkdir(parents=True)
+        write_durably(staging / RECIPE, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        write_durably(staging / "sweep.json", json.dumps(
+            {"nodes": topology.nodes, "procs_per_node": topology.procs_per_node, "cwd": os.getcwd(),
+             "command": sys.argv}, indent=2) + "\n")
+        os.rename(staging, sweep_dir)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UsageError(f"cannot create sweep directory {str(sweep_dir)!r}: {exc.strerror or exc}",
+                         key="logging.run_root") from None
+    print(f"dlaunch: sweep dir {sweep_dir}", file=sys.stderr)
+
+
+def _cmd_sweep(args: argparse.Namespace, _: list[str]) -> int:
+    from launcher.recipe import load_recipe, locate
+    from launcher.rundir import RECIPE, new_run_dir, run_root
+    from launcher.sweep import parse_sweep
+
+    if args.cluster not in (None, "ray"):
+        raise UsageError("a sweep's trials run on Ray; use --cluster ray (or leave it out)", key="--cluster")
+    overrides = list(args.overrides)
+    if args.address:
+        overrides.append(f"cluster.ray.address={json.dumps(args.address)}")
+    if args.resume:
+        if args.recipe or args.overrides or args.nodes or args.procs_per_node:
+            raise UsageError("--resume continues the sweep as it was planned; give no recipe, --set or "
+                             "topology flags with it", key="--resume")
+        sweep_dir = Path(args.resume).absolute()
+        if not (sweep_dir / "sweep.json").is_file():
+            raise UsageError(f"{str(sweep_dir)!r} is not a sweep directory (it has no sweep.json)",
+                             key="--resume")
+        settings = json.loads((sweep_dir / "sweep.json").read_text())
+        args.nodes, args.procs_per_node = settings["nodes"], settings["procs_per_node"]
+        recipe, source = load_recipe(sweep_dir / RECIPE, overrides)
+    else:
+        if args.recipe is None:
+            raise UsageError("give the recipe whose sweep: section to run", key="sweep")
+        recipe, source = load_recipe(args.recipe, overrides)
+        sweep_dir = new_run_dir(run_root(recipe, "ray"), f"{recipe.name}-sweep",
+                                time.strftime("%Y%m%d-%H%M%S"))
+    spec = parse_sweep(recipe, source, recipe.model_dump(mode="json"))
+    try:
+        plans = _sweep_plans(recipe, source, spec, sweep_dir, args)
+        from cluster.tune import horizon, run_sweep
+        from cluster.tune_space import trial_scheduler
+
+        trial_scheduler(spec, horizon(plans))  # refuses settings the trials' length rules out
+    except UsageError as err:
+        raise locate(err, source) from None
+    if not args.resume:
+        _create_sweep_dir(sweep_dir, recipe, args, plans)
+    return run_sweep(sweep_dir, spec, plans)
+
+
 _COMMANDS = {"run": _cmd_run, "submit": _cmd_run, "plan": _cmd_plan, "validate": _cmd_validate,
-             "explain": _cmd_explain, "status": _cmd_status, "logs": _cmd_logs, "cancel": _cmd_cancel}
+             "explain": _cmd_explain, "status": _cmd_status, "logs": _cmd_logs, "cancel": _cmd_cancel,
+             "sweep": _cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

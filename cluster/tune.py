@@ -1,0 +1,316 @@
+"""`dlaunch sweep`: a recipe's `sweep:` section as a Ray Tune search whose trials are
+distributed dlaunch jobs, each run by the Ray backend in the placement group Tune
+reserved for it (a bundle per node).
+
+SWEEP_DIR/
+  recipe.yaml     the resolved recipe every trial starts from (its sweep: included)
+  sweep.json      the trials' topology and working directory
+  tune/           Ray Tune's experiment state: what `dlaunch sweep --resume` restores
+  trials/<id>/    each trial's run directory, and trial.json: its overrides and its end
+  trials.json     one row per trial: overrides, end, evaluations, metric
+  best.yaml       the best finished trial's recipe, for `dlaunch run`
+  metric.png      the metric of every trial over the steps
+
+A trial passes every evaluation on to Tune as it appears in its metrics.jsonl, so a
+scheduler can stop it early. Its end is written to trial.json by the trial (finished)
+or by the driver (stopped by the scheduler, failed), so a resumed sweep never runs a
+finished trial again, even one Tune's last saved state still calls running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray import tune
+from ray.util import get_current_placement_group
+
+from cluster.ray import RayBackend, connected, node_bundles, ray_address
+from cluster.tune_space import param_space, search_algorithm, trial_scheduler
+from launcher.plan import LaunchPlan
+from launcher.rundir import CHECKPOINTS, METRICS, PLAN, RECIPE, write_atomic
+from launcher.sweep import SweepSpec, overrides_for
+
+SETTINGS = "sweep.json"
+TUNE_DIR = "tune"
+TRIALS = "trials"
+TRIAL_RECORD = "trial.json"
+TABLE = "trials.json"
+BEST = "best.yaml"
+PLOT = "metric.png"
+
+
+# -- a trial: runs inside a Tune trainable on the cluster -------------------------------
+
+
+def plan_trial(sweep_dir: Path, overrides: list[str], run_dir: Path) -> LaunchPlan:
+    """The plan of one trial: the sweep's recipe with the trial's values, on Ray."""
+    from launcher.data.facts import describe
+    from launcher.host import detect_host
+    from launcher.plan import build_plan
+    from launcher.recipe import load_recipe
+
+    settings = json.loads((sweep_dir / SETTINGS).read_text())
+    recipe, _ = load_recipe(sweep_dir / RECIPE, overrides)
+    return build_plan(recipe, host=detect_host(), data=describe(recipe.data), run_dir=str(run_dir),
+                      backend="ray", nodes=settings["nodes"], procs_per_node=settings["procs_per_node"])
+
+
+def _read_record(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / TRIAL_RECORD
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _write_record(run_dir: Path, record: dict[str, Any]) -> None:
+    write_atomic(run_dir / TRIAL_RECORD, json.dumps(record, indent=2) + "\n")
+
+
+def _records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    path = run_dir / METRICS
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return [r for r in records if r["kind"] == kind]
+
+
+def _evals(run_dir: Path) -> list[dict[str, Any]]:
+    return _records(run_dir, "eval")
+
+
+def _summary(run_dir: Path) -> bool:
+    """Whether the trial's training ran to its end (the trainer's last record)."""
+    return bool(_records(run_dir, "summary"))
+
+
+class _NewEvals:
+    """The evaluations a trial's metrics.jsonl gained since the last look."""
+
+    def __init__(self, run_dir: Path, skip_existing: bool) -> None:
+        self.run_dir = run_dir
+        self.seen = len(_evals(run_dir)) if skip_existing else 0
+
+    def __call__(self) -> list[dict[str, Any]]:
+        evals = _evals(self.run_dir)
+        new, self.seen = evals[self.seen:], len(evals)
+        return new
+
+
+def _report(record: dict[str, Any], run_dir: Path, with_checkpoint: bool) -> None:
+    metrics = {key: record[key] for key in ("val_loss", "val_acc")} | {"step": record["step"]}
+    checkpoint = None
+    if with_checkpoint:  # PBT copies a better trial's checkpoint into a worse one
+        step_dir = run_dir / CHECKPOINTS / f"step-{record['step']:08d}"
+        if step_dir.is_dir():
+            checkpoint = tune.Checkpoint.from_directory(str(step_dir))
+    tune.report(metrics, checkpoint=checkpoint)
+
+
+def _adopt(checkpoint: tune.Checkpoint, run_dir: Path) -> None:
+    """Make Tune's checkpoint (another trial's, under PBT) this run's latest."""
+    from launcher.checkpoint import LATEST, TRAINER_STATE
+
+    with checkpoint.as_directory() as source:
+        step = json.loads((Path(source) / TRAINER_STATE).read_text())["step"]
+        root = run_dir / CHECKPOINTS
+        target = root / f"step-{step:08d}"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target)
+        write_atomic(root / LATEST, target.name)
+
+
+def run_trial(config: dict[str, Any], sweep_dir: str, pbt: bool) -> None:
+    """The Tune trainable: plan, run and watch one trial, a distributed job."""
+    from launcher import rundir
+
+    sweep = Path(sweep_dir)
+    os.chdir(json.loads((sweep / SETTINGS).read_text())["cwd"])
+    trial_id = tune.get_context().get_trial_id()
+    run_dir = sweep / TRIALS / trial_id
+    overrides = overrides_for(config)
+    record = _read_record(run_dir)
+    if record is not None and record["end"] is not None:
+        # Finished before the sweep was interrupted: report where it ended, run nothing.
+        evals = _evals(run_dir)
+        if evals:
+            tune.report({key: evals[-1][key] for key in ("val_loss", "val_acc")} | {"step": evals[-1]["step"]})
+        return
+    resuming = (run_dir / PLAN).exists()
+    plan = plan_trial(sweep, overrides, run_dir)
+    if not resuming:
+        rundir.create(plan, [sys.argv[0], "sweep", str(sweep)])
+    elif record is not None and record["overrides"] != overrides:  # PBT changed the values
+        write_atomic(run_dir / PLAN, plan.to_json())
+        write_atomic(run_dir / RECIPE, yaml.safe_dump(plan.recipe.model_dump(mode="json"), sort_keys=False))
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        _adopt(checkpoint, run_dir)
+    _write_record(run_dir, {"trial_id": trial_id, "overrides": overrides, "end": None})
+
+    new_evals = _NewEvals(run_dir, skip_existing=resuming)
+    job = RayBackend(group=get_current_placement_group()).submit(plan)
+    code = job.wait(every_poll=lambda: [_report(r, run_dir, pbt) for r in new_evals()])
+    for late in new_evals():
+        _report(late, run_dir, pbt)
+    if code != 0:
+        raise RuntimeError(f"trial {trial_id} failed (exit code {code}); see {run_dir / 'logs'}")
+    _write_record(run_dir, {"trial_id": trial_id, "overrides": overrides, "end": "finished"})
+
+
+class TrialEnds(tune.Callback):
+    """Records, on the driver, the ends a trial cannot record itself."""
+
+    def __init__(self, sweep_dir: str) -> None:
+        self.sweep_dir = sweep_dir
+
+    def _mark(self, trial: Any, end: str) -> None:
+        run_dir = Path(self.sweep_dir) / TRIALS / trial.trial_id
+        record = _read_record(run_dir)
+        if record is not None and record["end"] is None:
+            _write_record(run_dir, {**record, "end": end})
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        # Unless the trial wrote `finished` itself: its training may also have ended
+        # while the scheduler decided (its summary written), and then it did finish.
+        run_dir = Path(self.sweep_dir) / TRIALS / trial.trial_id
+        self._mark(trial, "finished" if _summary(run_dir) else "stopped early")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._mark(trial, "failed")
+
+
+# -- the driver -------------------------------------------------------------------------
+
+
+def horizon(plans: list[LaunchPlan]) -> int:
+    """The most evaluations a trial makes: every eval_every steps, and at the last step.
+    The schedulers get one more as max_t: at max_t ASHA stops a trial, and a trial must
+    end by itself, its final weights and summary written."""
+    return max(-(-plan.training.steps.total // plan.training.steps.eval_every) for plan in plans)
+
+
+def _tuner(sweep_dir: Path, spec: SweepSpec, plans: list[LaunchPlan], spread: bool) -> tune.Tuner:
+    pbt = spec.scheduler.name == "pbt"
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, sweep_dir=str(sweep_dir), pbt=pbt),
+        # An empty head bundle: the trainable only watches; its bundles, one per node,
+        # hold the ranks.
+        tune.PlacementGroupFactory([{}, *node_bundles(plans[0])],
+                                   strategy="STRICT_SPREAD" if spread else "PACK"))
+    state = sweep_dir / TUNE_DIR
+    if tune.Tuner.can_restore(str(state)):
+        return tune.Tuner.restore(str(state), trainable, resume_unfinished=True, resume_errored=False)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(spec),
+        tune_config=tune.TuneConfig(
+            # The random and grid searcher limits itself (cluster/tune_space.py); Tune
+            # wraps Optuna's in a limiter of its own.
+            num_samples=spec.num_samples,
+            max_concurrent_trials=spec.max_concurrent if spec.search == "optuna" else None,
+            search_alg=search_algorithm(spec), scheduler=trial_scheduler(spec, horizon(plans) + 1),
+            reuse_actors=False),
+        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep_dir), verbose=1,
+                                  callbacks=[TrialEnds(str(sweep_dir))],
+                                  failure_config=tune.FailureConfig(max_failures=0)))
+
+
+def run_sweep(sweep_dir: Path, spec: SweepSpec, plans: list[LaunchPlan]) -> int:
+    """Run (or resume) the sweep in ``sweep_dir``; ``plans`` are trial plans made up
+    front (the first is the recipe's own), for resources and the scheduler's horizon."""
+    address = ray_address(plans[0])
+    per_trial = sum(bundle.get("CPU", 0) for bundle in node_bundles(plans[0]))
+    with connected(address, cpus_needed=per_trial * (spec.max_concurrent or 1)):
+        _tuner(sweep_dir, spec, plans, spread=address is not None).fit()
+    rows = summarize(sweep_dir, spec)
+    print_table(rows, spec)
+    best = write_best(sweep_dir, rows, spec)
+    plot(sweep_dir, rows, spec)
+    if best is None:
+        print("error: no trial finished; see trials.json and the trials' logs", file=sys.stderr)
+        return 1
+    print(f"dlaunch: best trial {best['trial_id']}: {spec.metric} {best['last']:.4f}; "
+          f"{sweep_dir / BEST}", file=sys.stderr)
+    return 0
+
+
+# -- the results ------------------------------------------------------------------------
+
+
+def summarize(sweep_dir: Path, spec: SweepSpec) -> list[dict[str, Any]]:
+    rows = []
+    for run_dir in sorted((sweep_dir / TRIALS).iterdir()):
+        record = _read_record(run_dir)
+        if record is None:
+            continue
+        evals = _evals(run_dir)
+        rows.append({"trial_id": record["trial_id"], "overrides": record["overrides"],
+                     "end": record["end"] or "interrupted", "evaluations": len(evals),
+                     "last": evals[-1][spec.metric] if evals else None,
+                     "curve": [(e["step"], e[spec.metric]) for e in evals]})
+    write_atomic(sweep_dir / TABLE, json.dumps([{k: v for k, v in row.items() if k != "curve"}
+                                                for row in rows], indent=2) + "\n")
+    return rows
+
+
+def _best(rows: list[dict[str, Any]], spec: SweepSpec) -> dict[str, Any] | None:
+    """The best trial that ran to its end: a trial stopped early has no final metric
+    that `dlaunch run best.yaml` could reproduce."""
+    finished = [row for row in rows if row["end"] == "finished" and row["last"] is not None]
+    if not finished:
+        return None
+    pick = max if spec.mode == "max" else min
+    return pick(finished, key=lambda row: row["last"])
+
+
+def write_best(sweep_dir: Path, rows: list[dict[str, Any]], spec: SweepSpec) -> dict[str, Any] | None:
+    best = _best(rows, spec)
+    if best is None:
+        return None
+    recipe = yaml.safe_load((sweep_dir / TRIALS / best["trial_id"] / RECIPE).read_text())
+    recipe.pop("sweep", None)
+    settings = json.loads((sweep_dir / SETTINGS).read_text())
+    recipe["cluster"].update(nodes=settings["nodes"], procs_per_node=settings["procs_per_node"])
+    header = (f"# The best trial ({best['trial_id']}) of the sweep in {sweep_dir}:\n"
+              f"# {spec.metric} {best['last']:.6g} at its end. Its values: "
+              f"{', '.join(best['overrides']) or 'the recipe as it is'}.\n")
+    write_atomic(sweep_dir / BEST, header + yaml.safe_dump(recipe, sort_keys=False))
+    return best
+
+
+def print_table(rows: list[dict[str, Any]], spec: SweepSpec) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    best = _best(rows, spec)
+    table = Table(title=f"{len(rows)} trials, {spec.metric} ({spec.mode})")
+    for column in ("trial", "values", "end", "evals", spec.metric):
+        table.add_column(column)
+    for row in rows:
+        mark = " *" if best is not None and row["trial_id"] == best["trial_id"] else ""
+        table.add_row(row["trial_id"], ", ".join(row["overrides"]), row["end"], str(row["evaluations"]),
+                      "-" if row["last"] is None else f"{row['last']:.4f}{mark}")
+    Console(stderr=True).print(table)
+
+
+def plot(sweep_dir: Path, rows: list[dict[str, Any]], spec: SweepSpec) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for row in rows:
+        if row["curve"]:
+            steps, values = zip(*row["curve"])
+            axes.plot(steps, values, marker="o", label=f"{row['trial_id']} ({row['end']})")
+    axes.set_xlabel("step")
+    axes.set_ylabel(spec.metric)
+    axes.set_title(f"{sweep_dir.name}: {spec.metric} per trial")
+    axes.legend(fontsize="x-small", ncols=1 + len(rows) // 12, loc="upper left", bbox_to_anchor=(1.01, 1))
+    figure.savefig(sweep_dir / PLOT, dpi=100, bbox_inches="tight")
+    plt.close(figure)
