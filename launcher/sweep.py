@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from launcher.errors import UsageError
-from launcher.recipe import Recipe, SweepSchedulerConfig, recipe_from_data
+from launcher.recipe import Recipe, SweepConfig, SweepSchedulerConfig, recipe_from_data
 from launcher.yamlio import KeyPath, SourceMap, apply_override
 
 Kind = Literal["choice", "grid", "uniform", "loguniform", "randint"]
@@ -95,6 +95,7 @@ def parse_sweep(recipe: Recipe, source: SourceMap, base_data: dict[str, Any]) ->
     dimensions = tuple(_dimension(key, dist, source, base_data, sweep.metric)
                        for key, dist in sweep.space.items())
     _check_search(sweep.search, sweep.scheduler.name, dimensions, source)
+    _check_population(sweep, source)
     mode = sweep.mode
     if mode == "auto":
         mode = "max" if "acc" in sweep.metric else "min"
@@ -261,6 +262,17 @@ def _check_metric(recipe: Recipe, source: SourceMap) -> None:
     if recipe.data.val_fraction == 0 and "data.val_fraction" not in recipe.sweep.space:
         raise _error(source, ("sweep", "metric"), f"data.val_fraction is 0, so there is no evaluation "
                      f"and {metric} is never reported; set data.val_fraction above 0, e.g. 0.2")
+
+
+def _check_population(sweep: SweepConfig, source: SourceMap) -> None:
+    """PBT copies the better trials' weights into the worse ones while they train side by
+    side; a population run a few at a time has no one to copy from (Tune would go on
+    regardless and the sweep would be random search with extra pauses)."""
+    if sweep.scheduler.name == "pbt" and sweep.max_concurrent is not None \
+            and sweep.max_concurrent < sweep.num_samples:
+        raise _error(source, ("sweep", "max_concurrent"), f"scheduler pbt trains its population of "
+                     f"{sweep.num_samples} side by side; set max_concurrent to {sweep.num_samples} "
+                     "or leave it unset")
 
 
 def _check_search(search: str, scheduler: str, dimensions: tuple[Dimension, ...],

@@ -250,6 +250,13 @@ def test_pbt_takes_random_search_only(tmp_path, search):
                                         f"not {search}")
 
 
+def test_pbt_refuses_a_population_run_a_few_at_a_time(tmp_path):
+    text = sweep("optim.lr: {choice: [0.1, 0.2]}", "num_samples: 4\nmax_concurrent: 2\nscheduler: {name: pbt}")
+    assert error_of(tmp_path, text) == (f"error: sweep.max_concurrent (line {line_of(text, 'max_concurrent')}): "
+                                        "scheduler pbt trains its population of 4 side by side; set "
+                                        "max_concurrent to 4 or leave it unset")
+
+
 def test_pbt_mutates_every_kind_of_dimension(tmp_path):
     text = sweep("optim.lr: {loguniform: [0.001, 0.1]}\ntrain.micro_batch_size: {grid: [16, 32]}",
                  "scheduler: {name: pbt}")

@@ -67,15 +67,19 @@ def _alive_nodes(address: str) -> int:
 
 
 def _processes_under(temp_dir: Path) -> list[int]:
-    """Pids whose command line names this cluster's own temp dir (nothing else's)."""
+    """Live pids that name this cluster's own temp dir on their command line or hold a
+    file in it open (Ray's workers retitle themselves; their logs stay open)."""
+    root = str(temp_dir)
     pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if str(temp_dir) in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            files = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:  # gone meanwhile
+            continue
+        if state != "Z" and (root in cmdline or any(f.startswith(root) for f in files)):
+            pids.append(int(proc.name))
     return pids
 
 
