@@ -20,6 +20,7 @@ from cluster.base import JobState
 from cluster.failure import LOG_TAIL, first_failure, rank_failure_report
 from launcher.errors import UsageError
 from launcher.plan import LaunchPlan
+from launcher.recipe import SlurmConfig
 from launcher.rundir import PLAN, rank_log, rank_status
 
 # Shipped inside the package (an installed dlaunch has no source tree); slurm/dlaunch.sbatch
@@ -39,14 +40,13 @@ _STATES: dict[str, JobState] = {
 }
 
 
-def _sbatch_options(plan: LaunchPlan, output: str) -> list[str]:
-    slurm, topo = plan.recipe.cluster.slurm, plan.topology
-    gpus = slurm.gpus_per_node
-    if gpus is None and topo.device == "cuda":
-        gpus = topo.procs_per_node
+def sbatch_options(slurm: SlurmConfig, *, job_name: str, nodes: int, gpus_per_node: int | None,
+                   output: str, signal_batch_only: bool = False) -> list[str]:
+    """The `#SBATCH` options of a job of ``nodes`` nodes, one task each; with
+    ``signal_batch_only`` the preemption signal goes to the batch shell alone (`B:`)."""
     options = [
-        f"--job-name={slurm.job_name or plan.name}",
-        f"--nodes={topo.nodes}",
+        f"--job-name={job_name}",
+        f"--nodes={nodes}",
         "--ntasks-per-node=1",
         f"--time={slurm.time}",
         f"--output={output}",
@@ -55,24 +55,42 @@ def _sbatch_options(plan: LaunchPlan, output: str) -> list[str]:
         "--open-mode=append",
     ]
     optional = {"--partition": slurm.partition, "--account": slurm.account, "--qos": slurm.qos,
-                "--gpus-per-node": gpus or None, "--cpus-per-task": slurm.cpus_per_task,
+                "--gpus-per-node": gpus_per_node or None, "--cpus-per-task": slurm.cpus_per_task,
                 "--mem": slurm.mem, "--constraint": slurm.constraint}
     options += [f"{flag}={value}" for flag, value in optional.items() if value is not None]
     if slurm.exclusive:
         options.append("--exclusive")
-    options.append(f"--signal={slurm.signal}@{slurm.signal_grace}")
+    options.append(f"--signal={'B:' if signal_batch_only else ''}{slurm.signal}@{slurm.signal_grace}")
     if slurm.requeue:
         options.append("--requeue")
     return options + list(slurm.extra_sbatch)
 
 
-def _sbatch_line(option: str) -> str:
+def _sbatch_options(plan: LaunchPlan, output: str) -> list[str]:
+    slurm, topo = plan.recipe.cluster.slurm, plan.topology
+    gpus = slurm.gpus_per_node
+    if gpus is None and topo.device == "cuda":
+        gpus = topo.procs_per_node
+    return sbatch_options(slurm, job_name=slurm.job_name or plan.name, nodes=topo.nodes, gpus_per_node=gpus,
+                          output=output)
+
+
+def sbatch_line(option: str) -> str:
     """`#SBATCH --flag=value`, the value quoted when it holds spaces or quotes (sbatch
     splits these lines itself, shell-style, without running anything)."""
     flag, sep, value = option.partition("=")
     if sep and (not value or any(c in value for c in " \t'\"\\")):
         value = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return f"#SBATCH {flag}{sep}{value}"
+
+
+def setup_block(slurm: SlurmConfig) -> str:
+    """cluster.slurm.setup, run as written, in braces (one block for shellcheck)."""
+    if not slurm.setup:
+        return ""
+    return ("\n# Set-up from cluster.slurm.setup, run as written.\n"
+            "# shellcheck disable=SC1091  # files of the user's, not ours to follow\n"
+            "{\n" + "\n".join(slurm.setup) + "\n}\n")
 
 
 def _container(plan: LaunchPlan, cwd: str) -> tuple[list[str], str, str]:
@@ -115,11 +133,6 @@ def render(plan: LaunchPlan, *, python: str | None = None, cwd: str | None = Non
         python = slurm.python or ("python" if slurm.container else sys.executable)
     env = {**plan.env, **slurm.env}
     exports += [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
-    setup = ""
-    if slurm.setup:
-        setup = ("\n# Set-up from cluster.slurm.setup, run as written.\n"
-                 "# shellcheck disable=SC1091  # files of the user's, not ours to follow\n"
-                 "{\n" + "\n".join(slurm.setup) + "\n}\n")
     for index, other in enumerate(array[1:], start=1):
         if render(other, python=python, cwd=cwd).replace(other.run_dir, plan.run_dir) != \
                 render(plan, python=python, cwd=cwd):
@@ -130,12 +143,12 @@ def render(plan: LaunchPlan, *, python: str | None = None, cwd: str | None = Non
     values = {
         "job_title": (slurm.job_name or plan.name).replace("\n", " "),
         "run_dir_comment": plan.run_dir.replace("\n", " "),
-        "sbatch_options": "\n".join(_sbatch_line(o) for o in options),
+        "sbatch_options": "\n".join(sbatch_line(o) for o in options),
         "procs_per_node": str(topo.procs_per_node),
         "run_dir_export": run_dir_export,
         "python": shlex.quote(python),
         "env_exports": "\n".join(exports),
-        "setup": setup,
+        "setup": setup_block(slurm),
         "nodes": str(topo.nodes),
         "srun_options": srun_options,
         "container_exec": container_exec,
@@ -145,13 +158,18 @@ def render(plan: LaunchPlan, *, python: str | None = None, cwd: str | None = Non
         # SIG_IGN survives exec; SIGTERM is the agent's to forward, so it stays.
         "agent_trap": "" if slurm.signal == "TERM" else f'trap "" {slurm.signal}; ',
     }
-    script = TEMPLATE.read_text()
+    return fill(TEMPLATE, values)
+
+
+def fill(template: Path, values: dict[str, str]) -> str:
+    """The template with each {{key}} replaced by its value."""
+    script = template.read_text()
     for key, value in values.items():
         script = script.replace("{{" + key + "}}", value)
     return script
 
 
-def _run(command: list[str], *, check: bool = True) -> subprocess.CompletedProcess:
+def run_command(command: list[str], *, check: bool = True) -> subprocess.CompletedProcess:
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     except FileNotFoundError:
@@ -170,11 +188,11 @@ class SlurmJob:
     def _state(self) -> str:
         # scontrol knows recent jobs, finished ones included (for MinJobAge), with no
         # accounting database; sacct is the fallback for older ones.
-        shown = _run(["scontrol", "show", "job", "--oneliner", self.job_id], check=False)
+        shown = run_command(["scontrol", "show", "job", "--oneliner", self.job_id], check=False)
         for field in shown.stdout.split():
             if field.startswith("JobState="):
                 return field.split("=", 1)[1]
-        accounted = _run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", self.job_id], check=False)
+        accounted = run_command(["sacct", "-n", "-X", "-P", "-o", "State", "-j", self.job_id], check=False)
         states = accounted.stdout.split()
         return states[0].split()[0] if states else "UNKNOWN"
 
@@ -191,7 +209,7 @@ class SlurmJob:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def cancel(self) -> None:
-        _run(["scancel", self.job_id])
+        run_command(["scancel", self.job_id])
 
     def wait(self) -> int:
         while (state := self.status()) in ("PENDING", "RUNNING"):
@@ -220,7 +238,7 @@ class SlurmBackend:
                 rank_status(plan.run_dir, rank).unlink(missing_ok=True)
             (Path(plan.run_dir) / "slurm").mkdir(exist_ok=True)
             (Path(plan.run_dir) / SCRIPT).write_text(script_text)
-        result = _run(["sbatch", "--parsable", *self.sbatch_args, str(Path(plans[0].run_dir) / SCRIPT)])
+        result = run_command(["sbatch", "--parsable", *self.sbatch_args, str(Path(plans[0].run_dir) / SCRIPT)])
         return result.stdout.strip().split(";")[0]
 
     def submit(self, plan: LaunchPlan) -> SlurmJob:
@@ -240,7 +258,7 @@ class SlurmBackend:
 
 def _run_dir_of(job_id: str) -> Path:
     """The run directory of a job, from where Slurm writes its output."""
-    shown = _run(["scontrol", "show", "job", "--oneliner", job_id], check=False)
+    shown = run_command(["scontrol", "show", "job", "--oneliner", job_id], check=False)
     for field in shown.stdout.split():
         if field.startswith("StdOut="):
             return Path(field.split("=", 1)[1]).parent.parent

@@ -383,8 +383,12 @@ def _cmd_sweep(args: argparse.Namespace, _: list[str]) -> int:
     from launcher.rundir import RECIPE, new_run_dir, run_root
     from launcher.sweep import parse_sweep
 
-    if args.cluster not in (None, "ray"):
-        raise UsageError("a sweep's trials run on Ray; use --cluster ray (or leave it out)", key="--cluster")
+    if args.cluster == "local":
+        raise UsageError("a sweep's trials run on Ray: --cluster ray (the default), or slurm for a "
+                         "Ray cluster started across a Slurm allocation", key="--cluster")
+    if args.cluster == "slurm" and (args.resume or args.address):
+        raise UsageError("a sweep on Slurm starts its own Ray and resumes itself when requeued; give "
+                         "no --resume or --address with --cluster slurm", key="--cluster")
     overrides = list(args.overrides)
     if args.address:
         overrides.append(f"cluster.ray.address={json.dumps(args.address)}")
@@ -416,7 +420,21 @@ def _cmd_sweep(args: argparse.Namespace, _: list[str]) -> int:
         raise locate(err, source) from None
     if not args.resume:
         _create_sweep_dir(sweep_dir, recipe, args, plans)
+    if args.cluster == "slurm":
+        return _submit_sweep(recipe, spec, sweep_dir, plans[0].topology.nodes)
     return run_sweep(sweep_dir, spec, plans)
+
+
+def _submit_sweep(recipe, spec, sweep_dir: Path, nodes_per_trial: int) -> int:
+    """One Slurm job holding a Ray cluster big enough for max_concurrent trials at once,
+    whose batch shell runs `dlaunch sweep --resume SWEEP_DIR` against it."""
+    from cluster.slurm_ray import OUTPUT, submit_sweep
+
+    job_id = submit_sweep(recipe, sweep_dir, nodes_per_trial * (spec.max_concurrent or 1))
+    print(f"dlaunch: Slurm job {job_id} runs the sweep; its output: "
+          f"{sweep_dir / OUTPUT.replace('%j', job_id)}", file=sys.stderr)
+    print(job_id)
+    return 0
 
 
 _COMMANDS = {"run": _cmd_run, "submit": _cmd_run, "plan": _cmd_plan, "validate": _cmd_validate,
