@@ -110,8 +110,8 @@ def _report(record: dict[str, Any], run_dir: Path, with_checkpoint: bool) -> Non
     tune.report(metrics, checkpoint=checkpoint)
 
 
-def _adopt(checkpoint: tune.Checkpoint, run_dir: Path) -> None:
-    """Make Tune's checkpoint (another trial's, under PBT) this run's latest."""
+def _adopt(checkpoint: tune.Checkpoint, run_dir: Path) -> int:
+    """Make Tune's checkpoint (another trial's, under PBT) this run's latest; its step."""
     from launcher.checkpoint import LATEST, TRAINER_STATE
 
     with checkpoint.as_directory() as source:
@@ -121,6 +121,7 @@ def _adopt(checkpoint: tune.Checkpoint, run_dir: Path) -> None:
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(source, target)
         write_atomic(root / LATEST, target.name)
+    return step
 
 
 def run_trial(config: dict[str, Any], sweep_dir: str, pbt: bool) -> None:
@@ -146,10 +147,14 @@ def run_trial(config: dict[str, Any], sweep_dir: str, pbt: bool) -> None:
     elif record is not None and record["overrides"] != overrides:  # PBT changed the values
         write_atomic(run_dir / PLAN, plan.to_json())
         write_atomic(run_dir / RECIPE, yaml.safe_dump(plan.recipe.model_dump(mode="json"), sort_keys=False))
+    # Under PBT, the weights this trial goes on from: Tune's copy of a checkpoint some
+    # trial (this one, or a better one) reported, named after that trial.
+    adopted = record.get("adopted", []) if record else []
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
-        _adopt(checkpoint, run_dir)
-    _write_record(run_dir, {"trial_id": trial_id, "overrides": overrides, "end": None})
+        adopted.append({"checkpoint": checkpoint.path, "step": _adopt(checkpoint, run_dir)})
+    record = {"trial_id": trial_id, "overrides": overrides, "end": None, "adopted": adopted}
+    _write_record(run_dir, record)
 
     new_evals = _NewEvals(run_dir, skip_existing=resuming)
     job = RayBackend(group=get_current_placement_group()).submit(plan)
@@ -158,7 +163,7 @@ def run_trial(config: dict[str, Any], sweep_dir: str, pbt: bool) -> None:
         _report(late, run_dir, pbt)
     if code != 0:
         raise RuntimeError(f"trial {trial_id} failed (exit code {code}); see {run_dir / 'logs'}")
-    _write_record(run_dir, {"trial_id": trial_id, "overrides": overrides, "end": "finished"})
+    _write_record(run_dir, {**record, "end": "finished"})
 
 
 class TrialEnds(tune.Callback):

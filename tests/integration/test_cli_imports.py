@@ -30,6 +30,7 @@ def modules_after(argv: list[str], prelude: str = "") -> set[str]:
     ["--help"],
     ["plan", "recipes/quickstart.yaml", "--nodes", "4"],
     ["plan", "recipes/quickstart.yaml", "--json"],
+    ["plan", "recipes/quickstart.yaml", "--cluster", "ray", "--nodes", "2"],
     ["validate", "recipes/quickstart.yaml"],
 ])
 def test_command_imports_no_torch(argv):

@@ -1,12 +1,16 @@
 """A real two-node Ray cluster for the tests in this folder: `ray start --head` and a
 second `ray start --address`, both on this host, once per test session.
 
+The cluster, and every dlaunch command that talks to it, runs in a network namespace of
+its own that holds nothing but a loopback interface (`unshare --net`, entered with
+`nsenter`): there Ray's node address is 127.0.0.1 and its servers bind 127.0.0.1 alone.
+Outside one, Ray 2.60 swaps a loopback --node-ip-address for the host's outward address
+and listens on every interface. Creating the namespace needs root (CI runs as root, as
+the Slurm tests' apt-get does); without it the tests fail, they are never skipped.
+
 Each node is one `ray start --block` process, which owns every Ray process of its node
 and stops them all when it gets SIGTERM; the fixture stops the two by pid and then
-checks that nothing of the cluster is left. Ray 2.60 advertises the 127.0.0.1 given
-here but listens on every interface (it resolves a loopback --node-ip-address to the
-host's address, and has no flag to bind a given one); these hosts reach no network but
-the package registries.
+checks that nothing of the cluster is left.
 
 Every test here is marked `ray`.
 """
@@ -15,7 +19,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +30,7 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 CPUS_PER_NODE = 4
 """Logical CPUs each node offers: room for two 2-worker trials at once on 2 cores."""
@@ -39,30 +43,44 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @dataclass(frozen=True)
+class Loopback:
+    """A network namespace with only a loopback interface, alive while ``holder`` lives."""
+
+    holder: subprocess.Popen
+
+    def command(self, *argv: str) -> list[str]:
+        return ["nsenter", f"--net=/proc/{self.holder.pid}/ns/net", "--", *argv]
+
+    def dlaunch(self, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+        """`python -m launcher ARGS` inside the namespace (tests/conftest.py's dlaunch)."""
+        return subprocess.run(self.command(sys.executable, "-m", "launcher", *args), cwd=REPO,
+                              capture_output=True, text=True, timeout=timeout)
+
+
+@dataclass(frozen=True)
 class RayCluster:
     address: str
     temp_dir: Path
     nodes: tuple[subprocess.Popen, ...]
+    loopback: Loopback
+
+    def dlaunch(self, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+        return self.loopback.dlaunch(*args, timeout=timeout)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_node(temp_dir: Path, log: Path, *args: str) -> subprocess.Popen:
+def _start_node(loopback: Loopback, temp_dir: Path, log: Path, *args: str) -> subprocess.Popen:
+    # nsenter execs `ray start` (no fork for a network namespace): the pid is the node's.
     with open(log, "ab") as out:
-        return subprocess.Popen(
-            [RAY, "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(CPUS_PER_NODE),
-             "--disable-usage-stats", "--temp-dir", str(temp_dir), *args],
-            stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(loopback.command(
+            RAY, "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(CPUS_PER_NODE),
+            "--disable-usage-stats", "--temp-dir", str(temp_dir), *args), stdout=out, stderr=subprocess.STDOUT)
 
 
-def _alive_nodes(address: str) -> int:
+def _alive_nodes(loopback: Loopback, address: str) -> int:
     probe = (f"import ray; ray.init(address={address!r}, log_to_driver=False); "
              "print(sum(n['Alive'] for n in ray.nodes()))")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(loopback.command(sys.executable, "-c", probe), capture_output=True, text=True,
+                            timeout=60)
     return int(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else 0
 
 
@@ -107,31 +125,48 @@ def _stop(cluster: RayCluster) -> list[int]:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[RayCluster]:
+def loopback() -> Iterator[Loopback]:
+    holder = subprocess.Popen(["unshare", "--net", "sh", "-c", "ip link set lo up && exec sleep infinity"])
+    space = Loopback(holder)
+    try:
+        deadline = time.monotonic() + 30
+        bind = "import socket; socket.socket().bind(('127.0.0.1', 0))"
+        while subprocess.run(space.command(sys.executable, "-c", bind), capture_output=True).returncode:
+            assert holder.poll() is None, "cannot create a network namespace (unshare --net needs root)"
+            assert time.monotonic() < deadline, "the namespace's loopback interface never came up"
+            time.sleep(0.2)
+        yield space
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(loopback: Loopback) -> Iterator[RayCluster]:
     # Ray 2.60 turns token authentication on for a cluster `ray start` creates, and a
     # driver given an explicit address must be told to use it, as users do.
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_AUTH_MODE", "token")
-        yield from _two_node_cluster()
+        yield from _two_node_cluster(loopback)
 
 
-def _two_node_cluster() -> Iterator[RayCluster]:
+def _two_node_cluster(loopback: Loopback) -> Iterator[RayCluster]:
     # Short: Ray puts unix sockets in here, and their paths must stay under 107 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="dlray-", dir="/tmp"))
     log = temp_dir / "nodes.log"
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
-    head = _start_node(temp_dir, log, "--head", "--port", str(port), "--include-dashboard=false")
+    # Ray's default port: the namespace is this cluster's alone.
+    address = "127.0.0.1:6379"
+    head = _start_node(loopback, temp_dir, log, "--head", "--port", "6379", "--include-dashboard=false")
     nodes = [head]
-    cluster = RayCluster(address, temp_dir, (head,))
+    cluster = RayCluster(address, temp_dir, (head,), loopback)
     try:
         deadline = time.monotonic() + 120
-        while _alive_nodes(address) < 1:
+        while _alive_nodes(loopback, address) < 1:
             assert head.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(1)
-        nodes.append(_start_node(temp_dir, log, "--address", address))
-        cluster = RayCluster(address, temp_dir, tuple(nodes))
-        while _alive_nodes(address) < 2:
+        nodes.append(_start_node(loopback, temp_dir, log, "--address", address))
+        cluster = RayCluster(address, temp_dir, tuple(nodes), loopback)
+        while _alive_nodes(loopback, address) < 2:
             assert all(n.poll() is None for n in nodes) and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(1)
         yield cluster

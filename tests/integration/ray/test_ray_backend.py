@@ -46,7 +46,7 @@ def losses(run_dir: Path) -> list[float]:
 def test_a_recipe_runs_as_two_ray_nodes_and_matches_the_local_backend(tmp_path, ray_cluster, engine,
                                                                        stage, dtype):
     recipe, root = write(tmp_path, "ray", engine, stage, dtype)
-    on_ray = dlaunch("run", str(recipe), "--cluster", "ray", "--address", ray_cluster.address,
+    on_ray = ray_cluster.dlaunch("run", str(recipe), "--cluster", "ray", "--address", ray_cluster.address,
                      "--nodes", "2", "--procs-per-node", "1")
     assert on_ray.returncode == 0, on_ray.stderr[-3000:]
     run_dir = only_run_dir(root)
@@ -66,8 +66,8 @@ def test_a_recipe_runs_as_two_ray_nodes_and_matches_the_local_backend(tmp_path, 
 
 def test_a_job_needing_more_nodes_than_the_cluster_has_fails_before_anything_runs(tmp_path, ray_cluster):
     recipe, root = write(tmp_path, "three")
-    result = dlaunch("run", str(recipe), "--cluster", "ray", "--address", ray_cluster.address,
-                     "--nodes", "3")
+    result = ray_cluster.dlaunch("run", str(recipe), "--cluster", "ray", "--address", ray_cluster.address,
+                                 "--nodes", "3")
     assert result.returncode == 2
     assert "error: cluster.nodes" in result.stderr
     assert "needs 3 Ray nodes and the cluster has 2" in result.stderr
@@ -91,9 +91,9 @@ def _gone(pid: int) -> bool:
 
 def test_status_logs_and_cancel_work_from_another_process(tmp_path, ray_cluster):
     recipe, root = write(tmp_path, "long", steps=100000)
-    driver = subprocess.Popen([sys.executable, "-m", "launcher", "run", str(recipe), "--cluster", "ray",
-                               "--address", ray_cluster.address, "--nodes", "2"],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    driver = subprocess.Popen(ray_cluster.loopback.command(
+        sys.executable, "-m", "launcher", "run", str(recipe), "--cluster", "ray", "--address", ray_cluster.address,
+        "--nodes", "2"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
         while not (root.exists() and any(root.iterdir())
@@ -101,29 +101,30 @@ def test_status_logs_and_cancel_work_from_another_process(tmp_path, ray_cluster)
             assert driver.poll() is None and time.monotonic() < deadline, driver.stdout.read()
             time.sleep(0.5)
         run_dir = only_run_dir(root)
-        status = dlaunch("status", str(run_dir))
+        status = ray_cluster.dlaunch("status", str(run_dir))
         assert status.returncode == 0 and " RUNNING " in status.stdout, status.stdout + status.stderr
-        log = dlaunch("logs", str(run_dir), "--rank", "1")
+        log = ray_cluster.dlaunch("logs", str(run_dir), "--rank", "1")
         assert "rank 1 of 2 on node 1" in log.stdout
         pids = [_pid_of_rank(run_dir, rank) for rank in (0, 1)]
 
-        cancel = dlaunch("cancel", str(run_dir))
+        cancel = ray_cluster.dlaunch("cancel", str(run_dir))
         assert cancel.returncode == 0, cancel.stderr
         assert driver.wait(60) == 128 + signal.SIGTERM
     finally:
         if driver.poll() is None:
             driver.kill()
             driver.wait()
-    assert dlaunch("status", str(run_dir)).stdout.split()[1] == "CANCELLED"
+    assert ray_cluster.dlaunch("status", str(run_dir)).stdout.split()[1] == "CANCELLED"
     assert all(_gone(pid) for pid in pids)
     assert [(run_dir / "logs" / f"rank-{r}.status").read_text() for r in (0, 1)] == ["terminated: SIGTERM\n"] * 2
 
 
-def test_without_an_address_a_ray_instance_runs_for_the_command(tmp_path):
+def test_without_an_address_a_ray_instance_runs_for_the_command(tmp_path, loopback):
     recipe, root = write(tmp_path, "embedded")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    result = subprocess.run([sys.executable, "-m", "launcher", "run", str(recipe), "--cluster", "ray",
-                             "--nodes", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(loopback.command(sys.executable, "-m", "launcher", "run", str(recipe), "--cluster",
+                                             "ray", "--nodes", "2"),
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Started a local Ray instance" in result.stderr
     run_dir = only_run_dir(root)
