@@ -103,9 +103,9 @@ def ray_address(plan: LaunchPlan) -> str | None:
 
 @contextmanager
 def connected(address: str | None, *, cpus_needed: float = 0) -> Iterator[None]:
-    """Join the Ray cluster at ``address``, or run a Ray instance on this host (bound to
-    127.0.0.1) for as long as the block runs. Inside a Ray worker (a sweep's trial) the
-    connection already exists and is kept."""
+    """Join the Ray cluster at ``address``, or run a Ray instance on this host for as long
+    as the block runs. Inside a Ray worker (a sweep's trial) the connection already
+    exists and is kept."""
     if ray.is_initialized():
         yield
         return
@@ -114,7 +114,7 @@ def connected(address: str | None, *, cpus_needed: float = 0) -> Iterator[None]:
     else:
         # Logical CPUs, not cores: like the local backend, a 4-rank job runs on 2 cores.
         ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), namespace=NAMESPACE,
-                 include_dashboard=False, _node_ip_address="127.0.0.1")
+                 include_dashboard=False)
     try:
         yield
     finally:

@@ -48,14 +48,13 @@ PLOT = "metric.png"
 # -- a trial: runs inside a Tune trainable on the cluster -------------------------------
 
 
-def plan_trial(sweep_dir: Path, overrides: list[str], run_dir: Path) -> LaunchPlan:
+def plan_trial(sweep_dir: Path, settings: dict[str, Any], overrides: list[str], run_dir: Path) -> LaunchPlan:
     """The plan of one trial: the sweep's recipe with the trial's values, on Ray."""
     from launcher.data.facts import describe
     from launcher.host import detect_host
     from launcher.plan import build_plan
     from launcher.recipe import load_recipe
 
-    settings = json.loads((sweep_dir / SETTINGS).read_text())
     recipe, _ = load_recipe(sweep_dir / RECIPE, overrides)
     return build_plan(recipe, host=detect_host(), data=describe(recipe.data), run_dir=str(run_dir),
                       backend="ray", nodes=settings["nodes"], procs_per_node=settings["procs_per_node"])
@@ -129,7 +128,8 @@ def run_trial(config: dict[str, Any], sweep_dir: str, pbt: bool) -> None:
     from launcher import rundir
 
     sweep = Path(sweep_dir)
-    os.chdir(json.loads((sweep / SETTINGS).read_text())["cwd"])
+    settings = json.loads((sweep / SETTINGS).read_text())
+    os.chdir(settings["cwd"])  # where the sweep was started: the recipe's relative paths
     trial_id = tune.get_context().get_trial_id()
     run_dir = sweep / TRIALS / trial_id
     overrides = overrides_for(config)
@@ -138,12 +138,12 @@ def run_trial(config: dict[str, Any], sweep_dir: str, pbt: bool) -> None:
         # Finished before the sweep was interrupted: report where it ended, run nothing.
         evals = _evals(run_dir)
         if evals:
-            tune.report({key: evals[-1][key] for key in ("val_loss", "val_acc")} | {"step": evals[-1]["step"]})
+            _report(evals[-1], run_dir, with_checkpoint=False)
         return
     resuming = (run_dir / PLAN).exists()
-    plan = plan_trial(sweep, overrides, run_dir)
+    plan = plan_trial(sweep, settings, overrides, run_dir)
     if not resuming:
-        rundir.create(plan, [sys.argv[0], "sweep", str(sweep)])
+        rundir.create(plan, settings["command"])
     elif record is not None and record["overrides"] != overrides:  # PBT changed the values
         write_atomic(run_dir / PLAN, plan.to_json())
         write_atomic(run_dir / RECIPE, yaml.safe_dump(plan.recipe.model_dump(mode="json"), sort_keys=False))
