@@ -312,7 +312,8 @@ def plot(sweep_dir: Path, rows: list[dict[str, Any]], spec: SweepSpec) -> None:
     for row in rows:
         if row["curve"]:
             steps, values = zip(*row["curve"])
-            axes.plot(steps, values, marker="o", label=f"{row['trial_id']} ({row['end']})")
+            values_set = ", ".join(o.split(".")[-1] for o in row["overrides"])
+            axes.plot(steps, values, marker="o", label=f"{row['trial_id']} {values_set} ({row['end']})")
     axes.set_xlabel("step")
     axes.set_ylabel(spec.metric)
     axes.set_title(f"{sweep_dir.name}: {spec.metric} per trial")
