@@ -354,7 +354,7 @@ def _sweep_plans(recipe, source, spec, sweep_dir: Path, args: argparse.Namespace
     return plans
 
 
-def _create_sweep_dir(sweep_dir: Path, recipe, args: argparse.Namespace, plans: list) -> None:
+def _create_sweep_dir(sweep_dir: Path, recipe, plans: list) -> None:
     """recipe.yaml and sweep.json, all or nothing (like a run dir)."""
     import shutil
 
@@ -419,7 +419,7 @@ def _cmd_sweep(args: argparse.Namespace, _: list[str]) -> int:
     except UsageError as err:
         raise locate(err, source) from None
     if not args.resume:
-        _create_sweep_dir(sweep_dir, recipe, args, plans)
+        _create_sweep_dir(sweep_dir, recipe, plans)
     if args.cluster == "slurm":
         return _submit_sweep(recipe, spec, sweep_dir, plans[0].topology.nodes)
     return run_sweep(sweep_dir, spec, plans)
