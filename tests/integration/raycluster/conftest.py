@@ -18,6 +18,7 @@ Every test here is marked `ray`.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -173,3 +174,4 @@ def _two_node_cluster(loopback: Loopback) -> Iterator[RayCluster]:
     finally:
         left = _stop(cluster)
     assert not left, f"Ray processes outlived their node's `ray start`: {left}"
+    shutil.rmtree(temp_dir)  # kept, with Ray's logs, when something was left running
