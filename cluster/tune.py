@@ -134,6 +134,10 @@ def run_trial(config: dict[str, Any], sweep_dir: str, pbt: bool) -> None:
     run_dir = sweep / TRIALS / trial_id
     overrides = overrides_for(config)
     record = _read_record(run_dir)
+    if record is not None and record["end"] is None and _summary(run_dir):
+        # Its training ended, but the sweep was interrupted before that was recorded.
+        record = {**record, "end": "finished"}
+        _write_record(run_dir, record)
     if record is not None and record["end"] is not None:
         # Finished before the sweep was interrupted: report where it ended, run nothing.
         evals = _evals(run_dir)
