@@ -40,3 +40,29 @@ def write_recipe(tmp_path):
         return path
 
     return write
+
+
+def gone(pid: int) -> bool:
+    """Dead: no such process, or a zombie (an orphan waits for init to reap it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def processes_holding(root: str) -> list[int]:
+    """Live pids that name ``root`` on their command line or hold a file under it open
+    (Ray's workers retitle themselves; their logs stay open)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            files = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:  # gone meanwhile
+            continue
+        if state != "Z" and (root in cmdline or any(f.startswith(root) for f in files)):
+            pids.append(int(proc.name))
+    return pids

@@ -23,6 +23,7 @@ from cluster.local import LocalBackend, LocalJob
 from launcher.plan import HostFacts, LaunchPlan, build_plan
 from launcher.recipe import Recipe
 from launcher.rundir import LOGS, PLAN, rank_status
+from tests.conftest import gone
 
 HOST = socket.gethostname()
 
@@ -94,16 +95,6 @@ def wait_until_running(plan: LaunchPlan, out: Path) -> list[dict]:
             return [json.loads(p.read_text()) for p in pid_files]
         time.sleep(0.1)
     pytest.fail("the ranks never all reported running")
-
-
-def gone(pid: int) -> bool:
-    """Dead: no such process, or a zombie (an orphan waits for init to reap it)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
 REPORT_ENV = """\

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import processes_holding
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -85,23 +87,6 @@ def _alive_nodes(loopback: Loopback, address: str) -> int:
     return int(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else 0
 
 
-def _processes_under(temp_dir: Path) -> list[int]:
-    """Live pids that name this cluster's own temp dir on their command line or hold a
-    file in it open (Ray's workers retitle themselves; their logs stay open)."""
-    root = str(temp_dir)
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-            files = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:  # gone meanwhile
-            continue
-        if state != "Z" and (root in cmdline or any(f.startswith(root) for f in files)):
-            pids.append(int(proc.name))
-    return pids
-
-
 def _stop(cluster: RayCluster) -> list[int]:
     """SIGTERM each node's `ray start --block` (workers first); the pids of the cluster
     still alive afterwards, which are then SIGKILLed."""
@@ -114,9 +99,9 @@ def _stop(cluster: RayCluster) -> list[int]:
                 node.kill()
                 node.wait()
     deadline = time.monotonic() + 30
-    while _processes_under(cluster.temp_dir) and time.monotonic() < deadline:
+    while processes_holding(str(cluster.temp_dir)) and time.monotonic() < deadline:
         time.sleep(0.5)
-    left = _processes_under(cluster.temp_dir)
+    left = processes_holding(str(cluster.temp_dir))
     for pid in left:
         try:
             os.kill(pid, signal.SIGKILL)

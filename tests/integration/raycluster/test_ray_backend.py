@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, dlaunch, metrics, only_run_dir
+from tests.conftest import REPO, dlaunch, gone, metrics, only_run_dir
 
 pytestmark = pytest.mark.integration
 
@@ -80,15 +80,6 @@ def _pid_of_rank(run_dir: Path, rank: int) -> int:
     return int(line.rsplit("pid ", 1)[1])
 
 
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
-
-
 def test_status_logs_and_cancel_work_from_another_process(tmp_path, ray_cluster):
     recipe, root = write(tmp_path, "long", steps=100000)
     driver = subprocess.Popen(ray_cluster.loopback.command(
@@ -115,7 +106,7 @@ def test_status_logs_and_cancel_work_from_another_process(tmp_path, ray_cluster)
             driver.kill()
             driver.wait()
     assert ray_cluster.dlaunch("status", str(run_dir)).stdout.split()[1] == "CANCELLED"
-    assert all(_gone(pid) for pid in pids)
+    assert all(gone(pid) for pid in pids)
     assert [(run_dir / "logs" / f"rank-{r}.status").read_text() for r in (0, 1)] == ["terminated: SIGTERM\n"] * 2
 
 

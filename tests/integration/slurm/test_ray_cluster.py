@@ -17,6 +17,7 @@ from pathlib import Path
 from cluster.ray_node import JOB_BLOCKS, ray_ports, temp_dir
 from cluster.slurm_ray import render_ray_cluster
 from launcher.recipe import Recipe
+from tests.conftest import processes_holding
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -85,20 +86,8 @@ def ended(job: dict[str, str]) -> bool:
 
 
 def ray_pids(job_id: str) -> list[int]:
-    """Live processes of the job's Ray: its temp dir on their command line or among their
-    open files (Ray's workers retitle themselves, their logs stay open)."""
-    root = f"{temp_dir(int(job_id), 0).parent}/"
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            files = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:  # gone meanwhile
-            continue
-        if state != "Z" and (root in cmdline or any(f.startswith(root) for f in files)):
-            pids.append(int(proc.name))
-    return pids
+    """Live processes of the job's Ray (its temp dir)."""
+    return processes_holding(f"{temp_dir(int(job_id), 0).parent}/")
 
 
 def finish(cluster, jobs: list[str], timeout: float = 60) -> list[dict[str, str]]:
