@@ -38,6 +38,11 @@ pid_in() {
     echo "$pid"
 }
 
+# net_ns PID: the network namespace PID runs in (as net:[inode]).
+net_ns() {
+    readlink "/proc/$1/ns/net"
+}
+
 # Every daemon as "name pidfile", in start order.
 daemons() {
     echo "munged $RUN_DIR/munged.pid"

@@ -15,6 +15,12 @@ case ${1:-} in
     *) echo "usage: $0 [--purge]" >&2; exit 2 ;;
 esac
 
+# A cluster up.sh started in another network namespace (the tests start theirs in a
+# loopback-only one) answers squeue and scancel only there: run this script in slurmctld's.
+if ctld=$(pid_of slurmctld "$RUN_DIR/slurmctld.pid") && [[ $(net_ns "$ctld") != "$(net_ns $$)" ]]; then
+    exec nsenter --net="/proc/$ctld/ns/net" -- "$BASH" "${BASH_SOURCE[0]}" "$@"
+fi
+
 # wait_gone SECONDS PID...: true once none of the pids is alive.
 wait_gone() {
     local limit=$1 i pid alive

@@ -26,6 +26,16 @@ for cmd in munged munge unmunge slurmctld slurmd sinfo scontrol; do
 done
 [[ $(id -u) -eq 0 ]] || die "run as root: slurmd must be able to start jobs as any user"
 
+# Daemons of this cluster that run in another network namespace (the tests start theirs in
+# a loopback-only one) cannot be reached from this one, nor left alone as if they could.
+while read -r name pidfile; do
+    if pid=$(pid_of "$name" "$pidfile") && [[ $(net_ns "$pid") != "$(net_ns $$)" ]]; then
+        echo "up.sh: $name (pid $pid) of this cluster runs in another network namespace;" \
+            "stop the cluster with $here/down.sh first" >&2
+        exit 1
+    fi
+done < <(daemons)
+
 host=$(hostname -s)
 
 # --- /etc/hosts: node names resolve to this host (append missing lines only) ---------
@@ -40,6 +50,17 @@ for node in "${NODES[@]}"; do
         echo "127.0.0.1 $node  # dlaunch dev cluster" >>/etc/hosts
     fi
 done
+
+# With NoInAddrAny, slurmctld and srun bind the address the host name resolves to, as
+# getaddrinfo(AF_INET, AI_ADDRCONFIG) finds it (so does getent ahostsv4), and it must be one
+# of this network namespace (in a loopback-only namespace, a 127.x address).
+addr=$(getent ahostsv4 "$host" | awk 'NR == 1 { print $1 }') ||
+    die "this host's name $host has no IPv4 address here (AI_ADDRCONFIG finds none where" \
+        "127.0.0.1 is the only IPv4 address: give lo another, such as 127.0.0.2/8)"
+if command -v ip >/dev/null && [[ $(ip route get "$addr" 2>/dev/null) != local* ]]; then
+    die "this host's name $host resolves to $addr, which is no address of this network" \
+        "namespace: map $host to 127.0.0.1 in /etc/hosts"
+fi
 
 # --- directories and the munge key ---------------------------------------------------
 mkdir -p "$DIR" "$MUNGE_DIR" "$RUN_DIR" "$LOG_DIR" "$DIR/state"
@@ -65,8 +86,9 @@ AuthType=auth/munge
 CredType=cred/munge
 # cred_expire also holds a requeued job back (default 120 s); 10 s keeps requeue tests short.
 AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
-# Bind to the addresses in this file (127.0.0.1), not to every interface.
-CommunicationParameters=NoInAddrAny
+# Bind to the addresses in this file (127.0.0.1), not to every interface: slurmd to its
+# NodeAddr; slurmctld (NoCtldInAddrAny), srun and slurmstepd to what the host name resolves to.
+CommunicationParameters=NoInAddrAny,NoCtldInAddrAny
 
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/%n

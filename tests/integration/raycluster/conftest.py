@@ -30,10 +30,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import processes_holding
+from tests.conftest import Loopback, dlaunch, loopback_namespace, processes_holding
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 CPUS_PER_NODE = 4
 """Logical CPUs each node offers: room for two 2-worker trials at once on 2 cores."""
@@ -46,21 +45,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @dataclass(frozen=True)
-class Loopback:
-    """A network namespace with only a loopback interface, alive while ``holder`` lives."""
-
-    holder: subprocess.Popen
-
-    def command(self, *argv: str) -> list[str]:
-        return ["nsenter", f"--net=/proc/{self.holder.pid}/ns/net", "--", *argv]
-
-    def dlaunch(self, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-        """`python -m launcher ARGS` inside the namespace (tests/conftest.py's dlaunch)."""
-        return subprocess.run(self.command(sys.executable, "-m", "launcher", *args), cwd=REPO,
-                              capture_output=True, text=True, timeout=timeout)
-
-
-@dataclass(frozen=True)
 class RayCluster:
     address: str
     temp_dir: Path
@@ -68,7 +52,7 @@ class RayCluster:
     loopback: Loopback
 
     def dlaunch(self, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-        return self.loopback.dlaunch(*args, timeout=timeout)
+        return dlaunch(*args, timeout=timeout, netns=self.loopback)
 
 
 def _start_node(loopback: Loopback, temp_dir: Path, log: Path, *args: str) -> subprocess.Popen:
@@ -112,19 +96,9 @@ def _stop(cluster: RayCluster) -> list[int]:
 
 @pytest.fixture(scope="session")
 def loopback() -> Iterator[Loopback]:
-    holder = subprocess.Popen(["unshare", "--net", "sh", "-c", "ip link set lo up && exec sleep infinity"])
-    space = Loopback(holder)
-    try:
-        deadline = time.monotonic() + 30
-        bind = "import socket; socket.socket().bind(('127.0.0.1', 0))"
-        while subprocess.run(space.command(sys.executable, "-c", bind), capture_output=True).returncode:
-            assert holder.poll() is None, "cannot create a network namespace (unshare --net needs root)"
-            assert time.monotonic() < deadline, "the namespace's loopback interface never came up"
-            time.sleep(0.2)
+    """The Ray cluster's network namespace (the Slurm tests' cluster has another)."""
+    with loopback_namespace() as space:
         yield space
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 @pytest.fixture(scope="session")

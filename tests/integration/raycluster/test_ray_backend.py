@@ -121,3 +121,10 @@ def test_without_an_address_a_ray_instance_runs_for_the_command(tmp_path, loopba
     run_dir = only_run_dir(root)
     assert json.loads((run_dir / "ray" / "job.json").read_text())["state"] == "COMPLETED"
     assert len(losses(run_dir)) == 10
+
+
+def test_every_ray_server_binds_the_loopback_address_alone(ray_cluster):
+    listening = ray_cluster.loopback.listening()
+    assert int(ray_cluster.address.rpartition(":")[2]) in {port for _, port in listening}  # the GCS
+    assert len(listening) > 5, listening  # GCS, raylets, object managers, agents, workers
+    assert {str(address) for address, _ in listening} <= {"127.0.0.1", "::1"}, listening

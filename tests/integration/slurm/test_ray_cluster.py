@@ -9,19 +9,19 @@ import os
 import shlex
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from cluster.ray_node import JOB_BLOCKS, ray_ports, temp_dir
 from cluster.slurm_ray import render_ray_cluster
 from launcher.recipe import Recipe
-from tests.conftest import processes_holding
+from tests.conftest import listening_sockets, processes_holding
 
 REPO = Path(__file__).resolve().parents[3]
 
-# Connects to its job's cluster, runs a task on each of its nodes, writes what it saw.
+# Connects to its job's cluster, runs a task on each of its nodes, writes what it saw,
+# with the rows of /proc/net/tcp{,6}: the TCP sockets of its network namespace (that of
+# the dev cluster, its jobs and their Ray).
 REPORTING_DRIVER = """\
 import json, os, sys
 import ray
@@ -38,7 +38,8 @@ def node_id():
 pinned = [node_id.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
           for node in nodes]
 ran_on = ray.get([task.remote() for task in pinned])
-json.dump({"address": os.environ["DLAUNCH_RAY_ADDRESS"], "ran_on": ran_on,
+listening = [row for table in ("/proc/net/tcp", "/proc/net/tcp6") for row in open(table).readlines()[1:]]
+json.dump({"address": os.environ["DLAUNCH_RAY_ADDRESS"], "ran_on": ran_on, "listening": listening,
            "driver_signal": os.environ.get("DLAUNCH_PREEMPT_SIGNAL"),
            "nodes": {node["NodeID"]: node["NodeManagerPort"] for node in nodes}}, open(sys.argv[1], "w"))
 """
@@ -131,6 +132,13 @@ def test_two_ray_clusters_share_two_nodes_on_ports_from_their_job_ids(slurm_clus
     a, b = seen.values()
     assert a["address"] != b["address"]
     assert not set(a["nodes"]) & set(b["nodes"])
+    # Every server of the cluster, of the jobs and of their Ray binds the loopback address
+    # alone (the tests' network namespace has no other interface, and Ray takes its node
+    # address for 127.0.0.1 there).
+    for report in seen.values():
+        listening = listening_sockets(report["listening"])
+        assert int(report["address"].rpartition(":")[2]) in {port for _, port in listening}  # the GCS
+        assert {str(address) for address, _ in listening} <= {"127.0.0.1", "::1"}, listening
 
 
 def test_a_signal_for_the_job_reaches_the_driver_and_ray_stops(slurm_cluster, tmp_path):
@@ -183,10 +191,8 @@ def test_dlaunch_sweep_on_slurm_runs_every_trial_on_the_allocations_ray(slurm_cl
     recipe = tmp_path / "sweep.yaml"
     recipe.write_text(SWEEP_RECIPE)
     root = tmp_path / "runs"
-    submitted = subprocess.run(
-        [sys.executable, "-m", "launcher", "sweep", str(recipe), "--cluster", "slurm", "--nodes", "2",
-         "--set", f"logging.run_root={root}"],
-        cwd=REPO, env=slurm_cluster.env, capture_output=True, text=True, timeout=120)
+    submitted = slurm_cluster.dlaunch("sweep", str(recipe), "--cluster", "slurm", "--nodes", "2",
+                                      "--set", f"logging.run_root={root}", timeout=120)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
     [sweep] = list(root.iterdir())

@@ -28,7 +28,7 @@ dist.destroy_process_group()
 
 
 def submit(cluster, *args: str) -> str:
-    result = dlaunch("submit", "--cluster", "slurm", *args, env=cluster.env)
+    result = cluster.dlaunch("submit", "--cluster", "slurm", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.strip()
 
@@ -37,7 +37,7 @@ def wait_for(cluster, job_id: str, timeout: float = 240) -> str:
     """Poll `dlaunch status` until the job has ended; its final state."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status = dlaunch("status", job_id, env=cluster.env)
+        status = cluster.dlaunch("status", job_id)
         assert status.returncode == 0, status.stderr
         state = status.stdout.split()[1]
         if state not in ("PENDING", "RUNNING"):
@@ -101,8 +101,8 @@ def test_a_failing_node_ends_the_job_naming_node_and_rank(slurm_cluster, tmp_pat
         "if os.environ['RANK'] == '2':\n"
         "    raise RuntimeError('disk on fire')\n"
         "dist.barrier()\n")
-    result = dlaunch("run", "--cluster", "slurm", "--script", str(script), "--nodes", "4",
-                     "--procs-per-node", "1", "--set", f"logging.run_root={tmp_path}", env=slurm_cluster.env,
+    result = slurm_cluster.dlaunch("run", "--cluster", "slurm", "--script", str(script), "--nodes", "4",
+                     "--procs-per-node", "1", "--set", f"logging.run_root={tmp_path}",
                      timeout=240)
     assert result.returncode == 1
     assert re.search(r"error: rank 2 \(node \d on node[1-4], local rank 0\) failed: ", result.stderr)
@@ -116,8 +116,8 @@ def test_an_unresolvable_rendezvous_host_fails_loudly_naming_it(slurm_cluster, t
         "setup": ["scontrol() { echo nowhere.invalid; }"]}}}))
     script = tmp_path / "never.py"
     script.write_text("raise SystemExit('the agents must not start')\n")
-    result = dlaunch("run", str(recipe), "--cluster", "slurm", "--script", str(script), "--nodes", "2",
-                     "--set", f"logging.run_root={tmp_path / 'runs'}", env=slurm_cluster.env, timeout=120)
+    result = slurm_cluster.dlaunch("run", str(recipe), "--cluster", "slurm", "--script", str(script), "--nodes", "2",
+                     "--set", f"logging.run_root={tmp_path / 'runs'}", timeout=120)
     assert result.returncode == 1
     assert "error: rendezvous host 'nowhere.invalid' does not resolve" in result.stderr
 
@@ -130,12 +130,12 @@ def test_status_logs_and_cancel_of_a_real_job(slurm_cluster, tmp_path):
                     "--set", f"logging.run_root={tmp_path / 'runs'}")
     run_dir = only_run_dir(tmp_path / "runs")
     deadline = time.monotonic() + 120
-    while "sleeping now" not in dlaunch("logs", str(run_dir), "--rank", "1", env=slurm_cluster.env).stdout:
+    while "sleeping now" not in slurm_cluster.dlaunch("logs", str(run_dir), "--rank", "1").stdout:
         assert time.monotonic() < deadline, "rank 1 never logged"
         time.sleep(1)
-    status = dlaunch("status", str(run_dir), env=slurm_cluster.env)
+    status = slurm_cluster.dlaunch("status", str(run_dir))
     assert status.stdout.split()[:2] == [job_id, "RUNNING"]
-    cancelled = dlaunch("cancel", job_id, env=slurm_cluster.env)
+    cancelled = slurm_cluster.dlaunch("cancel", job_id)
     assert cancelled.returncode == 0
     assert wait_for(slurm_cluster, job_id) == "CANCELLED"
 
@@ -253,7 +253,7 @@ def test_logs_follow_prints_the_output_until_the_job_ends(slurm_cluster, tmp_pat
     script = tmp_path / "ticks.py"
     script.write_text("import time\nfor i in range(5):\n    print(f'tick {i}', flush=True)\n    time.sleep(1)\n")
     job_id = submit(slurm_cluster, "--script", str(script), "--set", f"logging.run_root={tmp_path / 'runs'}")
-    followed = dlaunch("logs", "-f", job_id, env=slurm_cluster.env, timeout=180)
+    followed = slurm_cluster.dlaunch("logs", "-f", job_id, timeout=180)
     assert followed.returncode == 0
     assert [line for line in followed.stdout.splitlines() if line.startswith("tick")] == \
         [f"tick {i}" for i in range(5)]
