@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from launcher.data.facts import DataFacts
 from launcher.engine_config import accelerate_kwargs, deepspeed_config
 from launcher.errors import UsageError
-from launcher.recipe import Recipe
+from launcher.recipe import DataConfig, Recipe
 
 
 class _Value(BaseModel):
@@ -312,6 +312,12 @@ def build_plan(recipe: Recipe, *, host: HostFacts, data: DataFacts | None, run_d
     )
 
 
+def _validation(data: DataConfig) -> str:
+    if data.validation in ("holdout", "stratified"):
+        return data.validation
+    return f"{data.validation}, fold {data.fold} of 0..{data.folds - 1}"
+
+
 def format_plan(plan: LaunchPlan) -> str:
     """The human table `dlaunch plan` prints."""
     topo = plan.topology
@@ -329,8 +335,8 @@ def format_plan(plan: LaunchPlan) -> str:
         model = recipe.model.target or recipe.model.name
         rows += [
             ("model", model),
-            ("data", f"{recipe.data.source}: {d.num_train} train / {d.num_val} val rows, "
-                     f"input {list(d.input_shape)}, {d.num_classes} classes"),
+            ("data", f"{recipe.data.source}: {d.num_train} train / {d.num_val} val / {d.num_test} test "
+                     f"rows ({_validation(recipe.data)}), input {list(d.input_shape)}, {d.num_classes} classes"),
             ("batch", f"micro {b.micro} x {topo.world_size} ranks x accum {b.grad_accum} = global {b.global_}"),
             ("learning rate", f"{lr.scaled:.6g}" + (
                 f" ({lr.rule} scaling of {lr.base:g} from batch {lr.reference_batch})"

@@ -53,7 +53,8 @@ class DataConfig(Section):
     path: str | None = None
     """Parquet file or directory of .parquet files (source: parquet)."""
     feature_columns: list[str] | None = None
-    """Parquet columns holding the features; default: every column but the label."""
+    """Parquet columns holding the features; default: every column but the label and
+    the time column."""
     label_column: str = "label"
     """Parquet column holding the class label (kind: classification)."""
     tokens_column: str = "tokens"
@@ -70,10 +71,30 @@ class DataConfig(Section):
     """Tokens per sequence (source: synthetic, kind: tokens)."""
     vocab_size: int = Field(default=64, gt=1)
     """Vocabulary size (source: synthetic, kind: tokens)."""
+    validation: Literal["holdout", "stratified", "kfold", "stratified_kfold", "walk_forward"] = "holdout"
+    """How rows are split for validation: holdout (a seeded random `val_fraction` of
+    them), stratified (the same, keeping every class's share), kfold and
+    stratified_kfold (`folds` seeded folds, `fold` validates), or walk_forward
+    (time-ordered: fold f validates on its window and trains on every row before it)."""
     val_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
-    """Share of rows held out for validation; never trained on."""
+    """Share of rows held out for validation (holdout, stratified); never trained on."""
+    folds: int = Field(default=5, ge=2)
+    """Folds of kfold and stratified_kfold; validation windows of walk_forward."""
+    fold: int = Field(default=0, ge=0)
+    """The fold this run validates on, 0..folds-1; for walk_forward, 0 is the earliest
+    window (the least training data) and folds-1 the latest."""
+    gap: int = Field(default=0, ge=0)
+    """Rows left out between each walk_forward training window and its validation
+    window, so that features that look back in time (lags, rolling means) do not carry
+    validation rows into training."""
+    test_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Share of rows set aside before any other split, never trained or validated on:
+    the test split; for walk_forward, the latest rows."""
+    time_column: str | None = None
+    """Parquet column giving walk_forward its time order (rows are sorted by it); unset,
+    the row order is the time order."""
     split_seed: int = 0
-    """Seed of the train/validation split, independent of the training seed so that
+    """Seed of the train/validation/test split, independent of the training seed so that
     runs with different seeds are evaluated on the same rows."""
     normalize: bool = True
     """Standardise features with mean and std computed on the training split only."""
@@ -401,6 +422,7 @@ def _check_consistency(recipe: Recipe) -> None:
                          key="data.path")
     if data.source == "digits" and data.kind != "classification":
         raise UsageError("the digits dataset is for classification", key="data.kind")
+    _check_validation(data)
     target = recipe.model.target
     if target is not None and (":" not in target or target.startswith(":") or target.endswith(":")):
         raise UsageError(f"{target!r} is not an import path; write package.module:factory",
@@ -416,6 +438,37 @@ def _check_consistency(recipe: Recipe) -> None:
     if recipe.train.monitor not in ("val_loss", "val_acc"):
         raise UsageError(f"cannot monitor {recipe.train.monitor!r}; use val_loss or val_acc",
                          key="train.monitor")
+
+
+def has_validation(data: DataConfig) -> bool:
+    """Whether runs of ``data`` evaluate: the folded strategies always validate on a fold."""
+    return data.validation not in ("holdout", "stratified") or data.val_fraction > 0
+
+
+def _check_validation(data: DataConfig) -> None:
+    """The split settings fit the strategy. A fold, gap or time column the strategy would
+    ignore is an error: whoever set it expects an effect the run would not have."""
+    folded = data.validation in ("kfold", "stratified_kfold", "walk_forward")
+    if data.fold >= data.folds:
+        raise UsageError(f"there is no fold {data.fold}; the {data.folds} folds are "
+                         f"0..{data.folds - 1}", key="data.fold")
+    if data.fold and not folded:
+        raise UsageError(f"{data.validation} makes one split; folds are for kfold, "
+                         "stratified_kfold and walk_forward", key="data.fold")
+    if data.validation.startswith("stratified") and data.kind != "classification":
+        raise UsageError("stratified splits keep the share of each class; token data has no "
+                         "classes, use holdout or kfold", key="data.validation")
+    if not folded and data.val_fraction + data.test_fraction >= 1:
+        raise UsageError(f"val_fraction {data.val_fraction} and test_fraction "
+                         f"{data.test_fraction} leave no rows to train on", key="data.test_fraction")
+    if data.validation != "walk_forward":
+        for key in ("gap", "time_column"):
+            if getattr(data, key):
+                raise UsageError(f"data.{key} is for validation: walk_forward",
+                                 key=f"data.{key}")
+    if data.time_column is not None and data.source != "parquet":
+        raise UsageError("data.time_column names a Parquet column; other sources are in "
+                         "time order as they are", key="data.time_column")
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> tuple[Recipe, SourceMap]:

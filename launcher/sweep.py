@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from launcher.errors import UsageError
-from launcher.recipe import Recipe, SweepConfig, SweepSchedulerConfig, recipe_from_data
+from launcher.recipe import Recipe, SweepConfig, SweepSchedulerConfig, has_validation, recipe_from_data
 from launcher.yamlio import KeyPath, SourceMap, apply_override
 
 Kind = Literal["choice", "grid", "uniform", "loguniform", "randint"]
@@ -249,7 +249,7 @@ def _check_values(dim: Dimension, base_data: dict[str, Any], metric: str) -> Non
         except UsageError as err:
             where = f"{err.key}: " if err.key and err.key != dim.key else ""
             raise UsageError(f"value {value!r}: {where}{err.message}") from None
-        if dim.key == "data.val_fraction" and trial.data.val_fraction == 0:
+        if not has_validation(trial.data):
             raise UsageError(f"value {value!r} leaves no validation split, so {metric} is never reported")
 
 
@@ -259,7 +259,7 @@ def _check_metric(recipe: Recipe, source: SourceMap) -> None:
         raise _error(source, ("sweep", "metric"), f"{metric!r} is never reported; the trainer reports "
                      "val_loss and val_acc at each evaluation")
     # A swept val_fraction replaces this one in every trial; _check_values checks its values.
-    if recipe.data.val_fraction == 0 and "data.val_fraction" not in recipe.sweep.space:
+    if not has_validation(recipe.data) and "data.val_fraction" not in recipe.sweep.space:
         raise _error(source, ("sweep", "metric"), f"data.val_fraction is 0, so there is no evaluation "
                      f"and {metric} is never reported; set data.val_fraction above 0, e.g. 0.2")
 

@@ -1,4 +1,5 @@
 """Rows in memory, split into train and validation: ``load_split(cfg, facts) -> Split``.
+The test rows (``data.test_fraction``) are left out: no training process reads them.
 
 Every source ends as torch tensors: features float32 shaped ``(N, *facts.input_shape)``
 with int64 labels, or, for token data, int64 inputs ``seq[:, :-1]`` with the next tokens
@@ -15,7 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from launcher.data.facts import DataFacts, parquet_files
+from launcher.data.facts import DataFacts, feature_columns, parquet_files
+from launcher.data.splits import split_indices
 from launcher.errors import UsageError
 from launcher.recipe import DataConfig
 
@@ -34,14 +36,14 @@ def load_split(cfg: DataConfig, facts: DataFacts) -> Split:
     if cfg.kind == "tokens":
         seq = _load_tokens(cfg)
         _check_rows(cfg, facts, len(seq))
-        train, val = _split_indices(len(seq), facts.num_val, cfg.split_seed)
+        train, val = _train_val(cfg, len(seq))
         inputs, targets = seq[:, :-1], seq[:, 1:]
         return Split(TensorDataset(inputs[train], targets[train]),
                      TensorDataset(inputs[val], targets[val]))
     x, y = _load_rows(cfg)
     _check_rows(cfg, facts, len(y))
     x = x.reshape(len(x), *facts.input_shape)
-    train, val = _split_indices(len(y), facts.num_val, cfg.split_seed)
+    train, val = _train_val(cfg, len(y), labels=y)
     x_train, x_val = x[train], x[val]
     if cfg.normalize:
         mean, std = _feature_stats(x_train)
@@ -58,10 +60,31 @@ def _check_rows(cfg: DataConfig, facts: DataFacts, num_rows: int) -> None:
                          key="data.path" if cfg.source == "parquet" else "data.source")
 
 
-def _split_indices(num_rows: int, num_val: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, val) row indices: one seeded permutation, the last ``num_val`` are val."""
-    perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))
-    return perm[:num_rows - num_val], perm[num_rows - num_val:]
+def _train_val(cfg: DataConfig, num_rows: int,
+               labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) row indices, as ``split_indices`` picks them; the test rows go unused."""
+    rows = split_indices(cfg, num_rows, labels=None if labels is None else labels.numpy(),
+                         times=_times(cfg), permutation=_randperm)
+    return torch.from_numpy(rows.train), torch.from_numpy(rows.val)
+
+
+def _randperm(num_rows: int, seed: int) -> np.ndarray:
+    """The holdout shuffle: torch's seeded randperm, which drew every split before
+    splits.py, so that the runs and checkpoints made then keep their rows."""
+    return torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed)).numpy()
+
+
+def _times(cfg: DataConfig) -> np.ndarray | None:
+    """The values of ``time_column`` (walk_forward orders rows by them), or None: the row
+    order is the time order."""
+    if cfg.time_column is None:
+        return None
+    column = _read_table(cfg, [cfg.time_column]).column(0)
+    if column.null_count:
+        raise UsageError(f"time column {cfg.time_column!r} has {column.null_count} missing "
+                         "values; a row without a time has no place in the time order",
+                         key="data.time_column")
+    return column.to_numpy()
 
 
 def _feature_stats(x_train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +159,7 @@ def _parquet_rows(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
     import pyarrow.parquet as pq
 
     names = pq.read_schema(parquet_files(cfg.path or "")[0]).names
-    features = cfg.feature_columns or [n for n in names if n != cfg.label_column]
+    features = feature_columns(cfg, names)
     table = _read_table(cfg, [*features, cfg.label_column])
     bad = [c for c in features if not _is_numeric(table.schema.field(c).type)]
     if bad:

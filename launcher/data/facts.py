@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher.data.splits import split_sizes
 from launcher.errors import UsageError
 from launcher.recipe import DataConfig
 
@@ -28,14 +29,13 @@ class DataFacts:
     """Shape of one sample's features; for token data, (seq_len,) of the model input."""
     num_classes: int
     """Classes, or the vocabulary size for token data."""
+    num_test: int = 0
+    """Rows of the test split, which neither training nor validation reads."""
 
 
-def split_sizes(num_rows: int, val_fraction: float) -> tuple[int, int]:
-    """(train, val) row counts: the one rule the planner and the loader share."""
-    num_val = int(round(num_rows * val_fraction))
-    if val_fraction > 0:
-        num_val = max(num_val, 1)
-    return num_rows - num_val, num_val
+def feature_columns(cfg: DataConfig, names: list[str]) -> list[str]:
+    """The recipe's feature columns; by default every column but the label and the time."""
+    return cfg.feature_columns or [n for n in names if n not in (cfg.label_column, cfg.time_column)]
 
 
 def parquet_files(path: str) -> list[Path]:
@@ -62,6 +62,8 @@ def _parquet_facts(cfg: DataConfig) -> tuple[int, tuple[int, ...], int]:
     except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
         raise UsageError(f"cannot read {str(files[0])!r} as Parquet: {exc}", key="data.path") from None
     names = schema.names
+    if cfg.time_column is not None and cfg.time_column not in names:
+        raise UsageError(f"column {cfg.time_column!r} not in {names}", key="data.time_column")
     if cfg.kind == "tokens":
         if cfg.tokens_column not in names:
             raise UsageError(f"column {cfg.tokens_column!r} not in {names}", key="data.tokens_column")
@@ -69,7 +71,7 @@ def _parquet_facts(cfg: DataConfig) -> tuple[int, tuple[int, ...], int]:
         return num_rows, (cfg.seq_len - 1,), cfg.vocab_size
     if cfg.label_column not in names:
         raise UsageError(f"column {cfg.label_column!r} not in {names}", key="data.label_column")
-    features = cfg.feature_columns or [n for n in names if n != cfg.label_column]
+    features = feature_columns(cfg, names)
     missing = [c for c in features if c not in names]
     if missing:
         raise UsageError(f"columns {missing} not in {names}", key="data.feature_columns")
@@ -97,6 +99,6 @@ def describe(cfg: DataConfig) -> DataFacts:
             raise UsageError(f"shape {cfg.shape} holds {math.prod(cfg.shape)} values but each row "
                              f"has {math.prod(shape)}", key="data.shape")
         shape = tuple(cfg.shape)
-    num_train, num_val = split_sizes(num_rows, cfg.val_fraction)
-    return DataFacts(num_rows, num_train, num_val, tuple(shape), classes)
+    num_train, num_val, num_test = split_sizes(cfg, num_rows)
+    return DataFacts(num_rows, num_train, num_val, tuple(shape), classes, num_test)
 

@@ -68,21 +68,101 @@ def test_split_follows_split_seed_only(id_file):
     assert set(_ids(first.val)) != set(_ids(other.val))
 
 
-def test_normalization_statistics_come_from_the_train_split_only(tmp_path, id_file):
-    raw, _ = _load(source="parquet", path=id_file, normalize=False)
-    val_rows = set(_ids(raw.val))
-    # The same file with outlandish values in the validation rows only.
-    b = [float(i % 7) * (1000 if i in val_rows else 1) for i in range(100)]
-    shifted = _write(tmp_path / "shifted.parquet", {"id": list(range(100)), "b": b,
-                                                    "label": [i % 3 for i in range(100)]})
-    clean, _ = _load(source="parquet", path=id_file)
-    leaked, _ = _load(source="parquet", path=shifted)
-    assert torch.equal(clean.train.tensors[0], leaked.train.tensors[0])
+def test_holdout_keeps_the_rows_of_runs_made_before_other_strategies(tmp_path):
+    for num_rows, val_fraction, seed in ((100, 0.2, 0), (37, 0.3, 1), (1000, 0.1, 12345), (10, 0.5, -3)):
+        path = _write(tmp_path / f"{num_rows}.parquet", {"id": list(range(num_rows)),
+                                                         "label": [i % 2 for i in range(num_rows)]})
+        split, facts = _load(source="parquet", path=path, normalize=False,
+                             val_fraction=val_fraction, split_seed=seed)
+        # The reference: _split_indices as it was, for (num_rows, facts.num_val, seed).
+        perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))
+        train, val = perm[:num_rows - facts.num_val], perm[num_rows - facts.num_val:]
+        assert _ids(split.train) == train.tolist() and _ids(split.val) == val.tolist()  # in order
+
+
+SPLITS = [{}, {"test_fraction": 0.1}, {"validation": "stratified", "test_fraction": 0.15},
+          {"validation": "kfold", "fold": 2, "test_fraction": 0.1},
+          {"validation": "walk_forward", "fold": 1, "test_fraction": 0.1}]
+
+
+@pytest.mark.parametrize("settings", SPLITS[1:4])
+def test_test_rows_are_neither_trained_nor_validated_on(id_file, settings):
+    split, facts = _load(source="parquet", path=id_file, normalize=False, **settings)
+    seen = _ids(split.train) + _ids(split.val)
+    assert (len(split.train), len(split.val)) == (facts.num_train, facts.num_val)
+    assert facts.num_test == round(100 * settings["test_fraction"])
+    assert len(set(seen)) == len(seen) == 100 - facts.num_test
+
+
+def test_every_fold_leaves_out_the_same_test_rows(id_file):
+    seen = [set(_ids(split.train) + _ids(split.val)) for split, _ in
+            (_load(source="parquet", path=id_file, normalize=False, validation="stratified_kfold",
+                   fold=fold, test_fraction=0.2) for fold in range(5))]
+    assert all(rows == seen[0] for rows in seen) and len(seen[0]) == 80
+
+
+def _replace_b(tmp_path, name: str, rows: set[int], value: float) -> str:
+    """The id file with feature `b` set to ``value`` on ``rows``."""
+    b = [value if i in rows else float(i % 7) for i in range(100)]
+    return _write(tmp_path / name, {"id": list(range(100)), "b": b, "label": [i % 3 for i in range(100)]})
+
+
+@pytest.mark.parametrize("settings", SPLITS)
+def test_normalization_statistics_come_from_the_train_split_only(tmp_path, id_file, settings):
+    raw, facts = _load(source="parquet", path=id_file, normalize=False, **settings)
+    train_rows = set(_ids(raw.train))
+    held_out = set(range(100)) - train_rows  # validation, test (and later windows)
+    assert len(held_out) >= facts.num_val + facts.num_test
+    clean, _ = _load(source="parquet", path=id_file, **settings)
+    # Extreme outliers in every held-out row change nothing the training rows see ...
+    outliers, _ = _load(source="parquet", path=_replace_b(tmp_path, "out.parquet", held_out, 1e6),
+                        **settings)
+    assert torch.equal(clean.train.tensors[0], outliers.train.tensors[0])
+    # ... while one in a single training row does: the check is not blind.
+    moved, _ = _load(source="parquet", path=_replace_b(tmp_path, "in.parquet", {min(train_rows)}, 1e6),
+                     **settings)
+    assert not torch.equal(clean.train.tensors[0], moved.train.tensors[0])
     x_train = clean.train.tensors[0]
     assert torch.allclose(x_train.mean(0), torch.zeros(2), atol=1e-5)
     assert torch.allclose(x_train.std(0, correction=0), torch.ones(2), atol=1e-5)
     mean, std = raw.train.tensors[0].mean(0), raw.train.tensors[0].std(0, correction=0)
     assert torch.allclose(clean.val.tensors[0], (raw.val.tensors[0] - mean) / std, atol=1e-5)
+
+
+def test_stratified_split_keeps_a_rare_class_share(tmp_path):
+    labels = [1 if i % 10 == 0 else 0 for i in range(200)]  # 10% of class 1
+    path = _write(tmp_path / "rare.parquet", {"id": list(range(200)), "label": labels})
+    split, facts = _load(source="parquet", path=path, normalize=False, validation="stratified",
+                         val_fraction=0.25, test_fraction=0.1)
+    assert (facts.num_train, facts.num_val, facts.num_test) == (130, 50, 20)
+    assert split.val.tensors[1].sum() == 5 and split.train.tensors[1].sum() == 13
+
+
+def test_walk_forward_follows_the_time_column_which_is_no_feature(tmp_path):
+    order = torch.randperm(60, generator=torch.Generator().manual_seed(0)).tolist()
+    # Rows stored out of time order; `t` holds timestamps, `id` each row's place in time.
+    times = [pa.scalar(1_700_000_000 + 3600 * i, pa.timestamp("s")).as_py() for i in order]
+    path = _write(tmp_path / "times.parquet", {"id": order, "t": times, "label": [i % 2 for i in order]})
+    split, facts = _load(source="parquet", path=path, normalize=False, validation="walk_forward",
+                         time_column="t", folds=3, fold=1, test_fraction=0.1)
+    assert facts.input_shape == (1,)  # `id` alone: the time column is not a feature
+    # 54 rows before the 6 latest (the test split) make 3 windows of 54 // 4 = 13 rows.
+    assert (facts.num_train, facts.num_val, facts.num_test) == (28, 13, 6)
+    assert _ids(split.train) == list(range(28)) and _ids(split.val) == list(range(28, 41))
+
+
+def test_a_missing_time_column_is_a_usage_error(id_file):
+    with pytest.raises(UsageError, match="'t' not in") as info:
+        _load(source="parquet", path=id_file, validation="walk_forward", time_column="t")
+    assert info.value.key == "data.time_column"
+
+
+def test_rows_without_a_time_are_a_usage_error(tmp_path):
+    path = _write(tmp_path / "gaps.parquet", {"x": [1.0] * 12, "t": [1, None, *range(10)],
+                                              "label": [0, 1] * 6})
+    with pytest.raises(UsageError, match="1 missing") as info:
+        _load(source="parquet", path=path, validation="walk_forward", time_column="t", folds=2)
+    assert info.value.key == "data.time_column"
 
 
 def test_images_are_normalized_per_channel(tmp_path):
