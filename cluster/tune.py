@@ -32,8 +32,9 @@ from ray.util import get_current_placement_group
 
 from cluster.ray import RayBackend, connected, node_bundles, ray_address
 from cluster.tune_space import param_space, search_algorithm, trial_scheduler
+from launcher.monitor import read_records
 from launcher.plan import LaunchPlan
-from launcher.rundir import CHECKPOINTS, METRICS, PLAN, RECIPE, write_atomic
+from launcher.rundir import CHECKPOINTS, PLAN, RECIPE, write_atomic
 from launcher.sweep import SweepSpec, overrides_for
 
 SETTINGS = "sweep.json"
@@ -69,21 +70,13 @@ def _write_record(run_dir: Path, record: dict[str, Any]) -> None:
     write_atomic(run_dir / TRIAL_RECORD, json.dumps(record, indent=2) + "\n")
 
 
-def _records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
-    path = run_dir / METRICS
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
-    return [r for r in records if r["kind"] == kind]
-
-
 def _evals(run_dir: Path) -> list[dict[str, Any]]:
-    return _records(run_dir, "eval")
+    return read_records(run_dir, "eval")
 
 
 def _summary(run_dir: Path) -> bool:
     """Whether the trial's training ran to its end (the trainer's last record)."""
-    return bool(_records(run_dir, "summary"))
+    return bool(read_records(run_dir, "summary"))
 
 
 class _NewEvals:

@@ -64,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--array", action="append", default=[], metavar="KEY=[V1, V2, ...]",
                              help="Slurm: one array job over a grid of recipe values (repeatable: "
                                   "the grid is the product), each task in its own run dir")
+        command.add_argument("--folds", type=int, metavar="K",
+                             help="cross-validate: train every one of K folds (k-fold; stratified "
+                                  "or walk-forward when the recipe's data.validation says so) and "
+                                  "report each metric's mean and std (on Slurm, as an array job)")
 
     for name, text in (("status", "the state of a job"), ("logs", "a job's log"),
                        ("cancel", "stop a job and every process of it")):
@@ -92,6 +96,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_recipe_args(validate)
     _add_topology_args(validate)
 
+    evaluate = commands.add_parser(
+        "eval", help="score a finished run's final weights on its validation or test split",
+        description="Score RUN_DIR's final weights (model.pt) on one of its splits, in this process. "
+                    "The test split (data.test_fraction) is read by this command only.")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR")
+    evaluate.add_argument("--split", choices=("val", "test"), default="val",
+                          help="the split to score (default: val)")
+
     explain = commands.add_parser("explain", help="document a recipe key, e.g. optim.scaling")
     explain.add_argument("key")
     return parser
@@ -105,8 +117,9 @@ def _split_script_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-def _make_plan(args: argparse.Namespace, script_args: list[str], stamp: str):
-    """The plan, and where each recipe key came from (for errors found later)."""
+def _make_plan(args: argparse.Namespace, script_args: list[str], stamp: str, fold: int | None = None):
+    """The plan, and where each recipe key came from (for errors found later); for a
+    fold of --folds, in the folds' directory."""
     from launcher.data.facts import describe
     from launcher.host import detect_host
     from launcher.models.target import check_target_importable
@@ -127,7 +140,9 @@ def _make_plan(args: argparse.Namespace, script_args: list[str], stamp: str):
                 check_target_importable(recipe.model.target)
         elif not Path(script).is_file():
             raise UsageError(f"script {script!r} does not exist", key="--script")
-        run_dir = new_run_dir(run_root(recipe, args.cluster or recipe.cluster.backend), recipe.name, stamp)
+        root = run_root(recipe, args.cluster or recipe.cluster.backend)
+        run_dir = new_run_dir(root, recipe.name, stamp) if fold is None else \
+            new_run_dir(root, recipe.name, f"{stamp}-folds") / f"fold-{fold}"
         plan = build_plan(recipe, host=detect_host(), data=data, run_dir=str(run_dir),
                           backend=args.cluster, nodes=args.nodes, procs_per_node=args.procs_per_node,
                           script=str(Path(script).resolve()) if script else None,
@@ -148,6 +163,15 @@ def _cmd_plan(args: argparse.Namespace, _: list[str]) -> int:
 
     plan, _ = _make_plan(args, [], time.strftime("%Y%m%d-%H%M%S"))
     print(plan.to_json() if args.json else format_plan(plan), end="\n" if not args.json else "")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace, _: list[str]) -> int:
+    from launcher.evaluate import evaluate_run
+
+    scores = evaluate_run(Path(args.run_dir), args.split)
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "rows")
+    print(f"{metrics} on {scores['rows']} {args.split} rows of {args.run_dir}")
     return 0
 
 
@@ -190,18 +214,44 @@ def _run_plans(args: argparse.Namespace, script_args: list[str]):
     each one's recipe (None when resuming)."""
     if args.resume:
         if (args.recipe or args.overrides or args.script or args.nodes or args.procs_per_node
-                or args.cluster or args.array or args.address):
+                or args.cluster or args.array or args.address or args.folds):
             raise UsageError("--resume takes the run's own plan; give no recipe, --set, --array, "
-                             "--script, --cluster, --address or topology flags with it", key="--resume")
+                             "--folds, --script, --cluster, --address or topology flags with it",
+                             key="--resume")
         return [(_resumed_plan(args.resume), None)]
     if args.recipe is None and args.script is None:
         raise UsageError("give a recipe to train, or --script to launch", key=args.command)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    if args.folds is not None:
+        return _fold_plans(args, stamp)
     if not args.array:
         return [_make_plan(args, script_args, stamp)]
     return [_make_plan(argparse.Namespace(**{**vars(args), "overrides": [*args.overrides, *point]}),
                        script_args, f"{stamp}-a{index}")
             for index, point in enumerate(_grid(args.array))]
+
+
+def _fold_plans(args: argparse.Namespace, stamp: str) -> list:
+    from launcher.folds import fold_overrides
+    from launcher.recipe import load_recipe
+
+    if args.script or args.array:
+        raise UsageError("--folds trains the recipe once per fold; it takes no --script or --array",
+                         key="--folds")
+    if args.recipe is None:
+        raise UsageError("--folds needs a recipe", key="--folds")
+    data = load_recipe(args.recipe, args.overrides)[0].data
+    planned = []
+    for fold in range(args.folds):
+        fold_args = argparse.Namespace(**{**vars(args), "overrides": [
+            *args.overrides, *fold_overrides(data, args.folds, fold)]})
+        try:
+            planned.append(_make_plan(fold_args, [], stamp, fold))
+        except UsageError as err:
+            if err.key in ("data.folds", "data.fold", "data.validation") and err.origin == "--set":
+                err.origin = "--folds"  # the overrides are ours: name the flag the user gave
+            raise
+    return planned
 
 
 def _create_run_dirs(planned: list) -> None:
@@ -225,23 +275,33 @@ def _create_run_dirs(planned: list) -> None:
 
 
 def _launch(plans: list, args: argparse.Namespace) -> int:
-    """Hand the plans to their backend; wait for the jobs unless this is `submit`."""
-    if plans[0].topology.backend == "local":
-        from cluster.local import LocalBackend
-
-        return LocalBackend().submit(plans[0]).wait()
-    if plans[0].topology.backend == "ray":
-        return _launch_on_ray(plans[0], resumed=bool(args.resume))
+    """Hand the plans to their backend; wait for the jobs unless this is `submit`. Here,
+    and on Ray, the plans (folds) run one after another, up to the first that fails; on
+    Slurm, several are one array job."""
+    if plans[0].topology.backend in ("local", "ray"):
+        for plan in plans:
+            code = _launch_here(plan, args)
+            if code != 0:
+                return code
+        return 0
     from cluster.slurm import SlurmBackend
 
     backend = SlurmBackend([f"--dependency={args.dependency}"] if args.dependency else [])
-    jobs = backend.submit_array(plans) if args.array else [backend.submit(plans[0])]
+    jobs = backend.submit_array(plans) if len(plans) > 1 else [backend.submit(plans[0])]
     for job in jobs:
         print(f"dlaunch: Slurm job {job.job_id}: {job.run_dir}", file=sys.stderr)
     if args.command == "submit":
         print("\n".join(job.job_id for job in jobs))
         return 0
     return max(job.wait() for job in jobs)
+
+
+def _launch_here(plan, args: argparse.Namespace) -> int:
+    if plan.topology.backend == "local":
+        from cluster.local import LocalBackend
+
+        return LocalBackend().submit(plan).wait()
+    return _launch_on_ray(plan, resumed=bool(args.resume))
 
 
 def _launch_on_ray(plan, *, resumed: bool) -> int:
@@ -274,13 +334,18 @@ def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
     if args.dry_run:
         from cluster.slurm import render
 
-        print(render(plans[0], array=plans if args.array else []), end="")
+        print(render(plans[0], array=plans if len(plans) > 1 else []), end="")
         return 0
     if args.resume:
         print(f"dlaunch: resuming {plans[0].run_dir}", file=sys.stderr)
     else:
         _create_run_dirs(planned)
-    return _launch(plans, args)
+    code = _launch(plans, args)
+    if args.folds is not None and code == 0 and args.command == "run":
+        from launcher.folds import format_summary, summarize
+
+        print(format_summary(summarize([Path(plan.run_dir) for plan in plans])))
+    return code
 
 
 def _find_job(target: str):
@@ -438,7 +503,7 @@ def _submit_sweep(recipe, spec, sweep_dir: Path, nodes_per_trial: int) -> int:
 
 
 _COMMANDS = {"run": _cmd_run, "submit": _cmd_run, "plan": _cmd_plan, "validate": _cmd_validate,
-             "explain": _cmd_explain, "status": _cmd_status, "logs": _cmd_logs, "cancel": _cmd_cancel,
+             "explain": _cmd_explain, "eval": _cmd_eval, "status": _cmd_status, "logs": _cmd_logs, "cancel": _cmd_cancel,
              "sweep": _cmd_sweep}
 
 

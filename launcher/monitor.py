@@ -11,6 +11,16 @@ from typing import Any
 from launcher.rundir import METRICS, TENSORBOARD
 
 
+def read_records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    """The records of ``kind`` in RUN_DIR/metrics.jsonl, oldest first; a line still being
+    written (no closing brace yet) is left out."""
+    path = run_dir / METRICS
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return [r for r in records if r["kind"] == kind]
+
+
 class MetricsLog:
     """Rank 0's sinks. Each record is one JSON line: {"kind", "step", "time", ...values}."""
 

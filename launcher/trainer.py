@@ -26,13 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from launcher import checkpoint, preemption
 from launcher.data.datasets import Split, load_split
 from launcher.data.sampler import ResumableDistributedSampler
-from launcher.engines.base import Engine, monitor_mode
+from launcher.engines.base import Engine, monitor_mode, sample_scores
 from launcher.models.build import build_model
 from launcher.monitor import MetricsLog, Progress
 from launcher.plan import LaunchPlan
@@ -185,11 +184,8 @@ class Trainer:
         index = index.clamp(max=len(inputs) - 1)
         sums = torch.zeros(3, dtype=torch.float64)
         for rows in torch.arange(per_rank).split(self.batch.micro):
-            logits = self.engine.predict(inputs[index[rows]]).float().cpu()
-            y = targets[index[rows]]
-            flat = logits.reshape(-1, logits.shape[-1])
-            per_sample_loss = F.cross_entropy(flat, y.reshape(-1), reduction="none").view(len(rows), -1).mean(1)
-            per_sample_acc = (flat.argmax(-1) == y.reshape(-1)).float().view(len(rows), -1).mean(1)
+            logits = self.engine.predict(inputs[index[rows]]).cpu()
+            per_sample_loss, per_sample_acc = sample_scores(logits, targets[index[rows]])
             w = weight[rows]
             sums += torch.stack([(per_sample_loss * w).sum(), (per_sample_acc * w).sum(), w.sum()]).double()
         device_sums = sums.to(self._collective_device())

@@ -1,5 +1,6 @@
 """Rows in memory, split into train and validation: ``load_split(cfg, facts) -> Split``.
-The test rows (``data.test_fraction``) are left out: no training process reads them.
+The test rows (``data.test_fraction``) are left out unless ``test=True``, which only
+`dlaunch eval --split test` passes: no training process reads them.
 
 Every source ends as torch tensors: features float32 shaped ``(N, *facts.input_shape)``
 with int64 labels, or, for token data, int64 inputs ``seq[:, :-1]`` with the next tokens
@@ -29,26 +30,29 @@ if TYPE_CHECKING:
 class Split:
     train: TensorDataset
     val: TensorDataset
+    test: TensorDataset | None = None
+    """Only when asked for."""
 
 
-def load_split(cfg: DataConfig, facts: DataFacts) -> Split:
+def load_split(cfg: DataConfig, facts: DataFacts, *, test: bool = False) -> Split:
     """Load every row of ``cfg``'s source and split it as ``facts`` says."""
     if cfg.kind == "tokens":
         seq = _load_tokens(cfg)
         _check_rows(cfg, facts, len(seq))
-        train, val = _train_val(cfg, len(seq))
+        rows = _rows(cfg, len(seq))
         inputs, targets = seq[:, :-1], seq[:, 1:]
-        return Split(TensorDataset(inputs[train], targets[train]),
-                     TensorDataset(inputs[val], targets[val]))
-    x, y = _load_rows(cfg)
-    _check_rows(cfg, facts, len(y))
-    x = x.reshape(len(x), *facts.input_shape)
-    train, val = _train_val(cfg, len(y), labels=y)
-    x_train, x_val = x[train], x[val]
-    if cfg.normalize:
-        mean, std = _feature_stats(x_train)
-        x_train, x_val = (x_train - mean) / std, (x_val - mean) / std
-    return Split(TensorDataset(x_train, y[train]), TensorDataset(x_val, y[val]))
+        parts = [TensorDataset(inputs[r], targets[r]) for r in rows]
+    else:
+        x, y = _load_rows(cfg)
+        _check_rows(cfg, facts, len(y))
+        x = x.reshape(len(x), *facts.input_shape)
+        rows = _rows(cfg, len(y), labels=y)
+        xs = [x[r] for r in rows]
+        if cfg.normalize:
+            mean, std = _feature_stats(xs[0])  # the training rows' alone
+            xs = [(part - mean) / std for part in xs]
+        parts = [TensorDataset(part, y[r]) for part, r in zip(xs, rows, strict=True)]
+    return Split(parts[0], parts[1], parts[2] if test else None)
 
 
 def _check_rows(cfg: DataConfig, facts: DataFacts, num_rows: int) -> None:
@@ -60,12 +64,11 @@ def _check_rows(cfg: DataConfig, facts: DataFacts, num_rows: int) -> None:
                          key="data.path" if cfg.source == "parquet" else "data.source")
 
 
-def _train_val(cfg: DataConfig, num_rows: int,
-               labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, val) row indices, as ``split_indices`` picks them; the test rows go unused."""
+def _rows(cfg: DataConfig, num_rows: int, labels: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """[train, val, test] row indices, as ``split_indices`` picks them."""
     rows = split_indices(cfg, num_rows, labels=None if labels is None else labels.numpy(),
                          times=_times(cfg), permutation=_randperm)
-    return torch.from_numpy(rows.train), torch.from_numpy(rows.val)
+    return [torch.from_numpy(r) for r in rows]
 
 
 def _randperm(num_rows: int, seed: int) -> np.ndarray:

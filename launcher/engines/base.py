@@ -58,6 +58,14 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
 
+def sample_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (loss, accuracy) in float32; a token sequence's are its tokens' means."""
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    hits = (flat.argmax(-1) == targets.reshape(-1)).float()
+    losses = F.cross_entropy(flat, targets.reshape(-1), reduction="none")
+    return losses.view(len(targets), -1).mean(1), hits.view(len(targets), -1).mean(1)
+
+
 def make_schedule(plan: LaunchPlan, optimizer: torch.optim.Optimizer) -> LRSchedule:
     schedule, steps = plan.recipe.schedule, plan.training.steps
     shape = ScheduleShape(name=schedule.name, total_steps=steps.total, warmup_steps=steps.warmup,
