@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 
 from launcher.data.datasets import load_split
+from launcher.data.loaders import eval_batches
 from launcher.engines.base import sample_scores
 from launcher.errors import UsageError
 from launcher.models.build import build_model
@@ -41,15 +42,16 @@ def evaluate_run(run_dir: Path, split: Split, batch_size: int = 256) -> dict[str
     model.load_state_dict(torch.load(run_dir / WEIGHTS, map_location="cpu"))
     model.eval()
     parts = load_split(plan.recipe.data, facts, test=split == "test")
-    inputs, targets = (parts.test if split == "test" else parts.val).tensors
+    dataset = parts.test if split == "test" else parts.val
     loss_sum = acc_sum = 0.0
     with torch.no_grad():
-        for rows in torch.arange(len(inputs)).split(batch_size):
-            losses, hits = sample_scores(model(inputs[rows]), targets[rows])
+        for inputs, targets, _ in eval_batches(dataset, plan.recipe.data, rank=0, world_size=1,
+                                               batch=batch_size):
+            losses, hits = sample_scores(model(inputs), targets)
             loss_sum += float(losses.double().sum())
             acc_sum += float(hits.double().sum())
-    scores = {f"{split}_loss": loss_sum / len(inputs), f"{split}_acc": acc_sum / len(inputs),
-              "rows": len(inputs)}
+    scores = {f"{split}_loss": loss_sum / len(dataset), f"{split}_acc": acc_sum / len(dataset),
+              "rows": len(dataset)}
     write_atomic(run_dir / f"eval-{split}.json", json.dumps(scores, indent=2) + "\n")
     return scores
 

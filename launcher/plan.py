@@ -259,6 +259,10 @@ def _engine(recipe: Recipe, topo: Topology, batch: BatchPlan, lr: float) -> Engi
 
 
 def _check_model(recipe: Recipe, data: DataFacts) -> None:
+    if recipe.data.augment.cutmix_alpha and len(data.input_shape) != 3:
+        raise UsageError(f"cutmix pastes boxes of images (C, H, W); the data has shape "
+                         f"{list(data.input_shape)}; set data.shape or use mixup_alpha",
+                         key="data.augment.cutmix_alpha")
     model = recipe.model
     if model.target is not None:
         return

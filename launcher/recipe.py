@@ -43,15 +43,49 @@ class ModelConfig(Section):
     """Keyword arguments for the model factory (built-in or `target`)."""
 
 
+class AugmentConfig(Section):
+    """Training-time augmentation; evaluation never sees it. Crops, flips and colour
+    jitter apply to images (source: images); mixup, cutmix and label smoothing to any
+    classification data (cutmix to image-shaped rows)."""
+
+    random_crop: bool = True
+    """Random resized crop of each training image (else the whole image, resized)."""
+    crop_scale: list[float] = Field(default_factory=lambda: [0.08, 1.0], min_length=2, max_length=2)
+    """Range of the crop's share of the image area (torchvision's default)."""
+    crop_ratio: list[float] = Field(default_factory=lambda: [0.75, 4 / 3], min_length=2, max_length=2)
+    """Range of the crop's aspect ratio, drawn log-uniformly."""
+    flip: bool = True
+    """Horizontal flip with probability 0.5."""
+    color_jitter: float = Field(default=0.0, ge=0, lt=1)
+    """Brightness, contrast and saturation factors drawn from [1 - j, 1 + j]."""
+    mixup_alpha: float = Field(default=0.0, ge=0)
+    """Mixup: each batch blended with itself reversed, weights ~ Beta(a, a), the labels
+    blended alike; 0 is off."""
+    cutmix_alpha: float = Field(default=0.0, ge=0)
+    """CutMix: a box of the reversed batch pasted in, of area share ~ Beta(a, a), the
+    labels mixed by area; 0 is off. With mixup also on, each batch takes one of the two."""
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    """Share of each target's probability spread evenly over all classes."""
+
+
+class DaliConfig(Section):
+    num_threads: int = Field(default=2, gt=0)
+    """CPU threads of each rank's DALI pipeline."""
+    prefetch_queue_depth: int = Field(default=2, gt=0)
+    """Batches the pipeline prepares ahead of the one being trained on."""
+
+
 class DataConfig(Section):
-    source: Literal["digits", "synthetic", "parquet"] = "digits"
+    source: Literal["digits", "synthetic", "parquet", "images"] = "digits"
     """digits (scikit-learn's 8x8 handwritten digits, 1797 real images), synthetic
-    (generated tensors), or parquet (files read with pyarrow)."""
+    (generated tensors), parquet (files read with pyarrow), or images (a folder of class
+    folders of JPEG/PNG files, decoded as they are read)."""
     kind: Literal["classification", "tokens"] = "classification"
     """classification: (features, label) rows. tokens: sequences for next-token
     prediction (the gpt model)."""
     path: str | None = None
-    """Parquet file or directory of .parquet files (source: parquet)."""
+    """Parquet file or directory of .parquet files (source: parquet); the folder of
+    class folders (source: images)."""
     feature_columns: list[str] | None = None
     """Parquet columns holding the features; default: every column but the label and
     the time column."""
@@ -97,9 +131,31 @@ class DataConfig(Section):
     """Seed of the train/validation/test split, independent of the training seed so that
     runs with different seeds are evaluated on the same rows."""
     normalize: bool = True
-    """Standardise features with mean and std computed on the training split only."""
+    """Standardise features with mean and std computed on the training split only (for
+    images: per channel, unless `mean` and `std` are given)."""
+    mean: list[float] | None = None
+    """Per-channel mean of the images (source: images), e.g. ImageNet's [0.485, 0.456,
+    0.406]; unset, it is measured on the training split."""
+    std: list[float] | None = None
+    """Per-channel standard deviation to go with `mean`."""
+    image_size: int = Field(default=32, gt=0)
+    """Side of the square images the model sees (source: images): training crops and
+    evaluation centre crops are resized to it."""
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    """Training-time augmentation."""
+    loader: Literal["torch", "dali"] = "torch"
+    """Who reads, decodes and augments batches: torch (a DataLoader) or dali (an NVIDIA
+    DALI pipeline: GPU operators when the rank has a GPU, CPU operators when not)."""
     num_workers: int = Field(default=0, ge=0)
-    """DataLoader worker processes per rank."""
+    """DataLoader worker processes per rank (loader: torch)."""
+    pin_memory: bool | None = None
+    """Page-locked batches for faster copies to the GPU; unset, on when training on GPUs."""
+    prefetch_factor: int | None = Field(default=None, gt=0)
+    """Batches each DataLoader worker loads ahead (torch's default 2); needs num_workers."""
+    persistent_workers: bool = True
+    """Keep DataLoader workers alive from one epoch to the next (with num_workers)."""
+    dali: DaliConfig = Field(default_factory=DaliConfig)
+    """DALI pipeline settings (loader: dali)."""
 
 
 class OptimConfig(Section):
@@ -423,6 +479,7 @@ def _check_consistency(recipe: Recipe) -> None:
     if data.source == "digits" and data.kind != "classification":
         raise UsageError("the digits dataset is for classification", key="data.kind")
     _check_validation(data)
+    _check_loading(data)
     target = recipe.model.target
     if target is not None and (":" not in target or target.startswith(":") or target.endswith(":")):
         raise UsageError(f"{target!r} is not an import path; write package.module:factory",
@@ -438,6 +495,46 @@ def _check_consistency(recipe: Recipe) -> None:
     if recipe.train.monitor not in ("val_loss", "val_acc"):
         raise UsageError(f"cannot monitor {recipe.train.monitor!r}; use val_loss or val_acc",
                          key="train.monitor")
+
+
+def _check_loading(data: DataConfig) -> None:
+    """Loader and augmentation settings fit the source."""
+    if data.source == "images" and not data.path:
+        raise UsageError("data.source is images; set data.path to a folder of class folders",
+                         key="data.path")
+    if data.source == "images" and data.kind != "classification":
+        raise UsageError("an image folder holds classes; kind tokens needs parquet or synthetic",
+                         key="data.kind")
+    if data.source == "images" and data.shape is not None:
+        raise UsageError("images reach the model as 3 x image_size x image_size; set "
+                         "data.image_size instead", key="data.shape")
+    if data.loader == "dali" and data.source != "images":
+        raise UsageError(f"DALI decodes image files; {data.source} rows are tensors already, "
+                         "use loader: torch", key="data.loader")
+    if data.prefetch_factor is not None and data.num_workers == 0:
+        raise UsageError("prefetch_factor is per DataLoader worker; set data.num_workers too",
+                         key="data.prefetch_factor")
+    if (data.mean is None) != (data.std is None):
+        raise UsageError("give data.mean and data.std together", key="data.std" if data.std is None else "data.mean")
+    for key in ("mean", "std"):
+        values = getattr(data, key)
+        if values is not None and (data.source != "images" or len(values) != 3):
+            raise UsageError(f"data.{key} is three per-channel values of an image folder "
+                             "(source: images)", key=f"data.{key}")
+    if data.std is not None and min(data.std) <= 0:
+        raise UsageError("each channel's std must be above 0", key="data.std")
+    aug = data.augment
+    low, high = aug.crop_scale
+    if not 0 < low <= high <= 1:
+        raise UsageError(f"crop_scale {aug.crop_scale} must satisfy 0 < low <= high <= 1",
+                         key="data.augment.crop_scale")
+    if not 0 < aug.crop_ratio[0] <= aug.crop_ratio[1]:
+        raise UsageError(f"crop_ratio {aug.crop_ratio} must satisfy 0 < low <= high",
+                         key="data.augment.crop_ratio")
+    mixing = aug.mixup_alpha or aug.cutmix_alpha or aug.label_smoothing
+    if mixing and data.kind != "classification":
+        raise UsageError("mixup, cutmix and label smoothing mix class labels; token data has none",
+                         key="data.augment")
 
 
 def has_validation(data: DataConfig) -> bool:

@@ -26,10 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 
 from launcher import checkpoint, preemption
+from launcher.data.augment import mix_batch
 from launcher.data.datasets import Split, load_split
+from launcher.data.loaders import Batch, eval_batches, train_batches
 from launcher.data.sampler import ResumableDistributedSampler
 from launcher.engines.base import Engine, monitor_mode, sample_scores
 from launcher.models.build import build_model
@@ -75,7 +76,7 @@ def run_training(plan: LaunchPlan) -> None:
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     recipe, training = plan.recipe, plan.training
     seed_everything(recipe.train.seed)  # the same initial weights on every rank
-    split = load_split(recipe.data, training.data)
+    split = load_split(recipe.data, training.data, seed=recipe.train.seed)
     model = build_model(recipe.model, training.data)
     engine = create_engine(plan, model)
     seed_everything(recipe.train.seed + dist.get_rank())  # per-rank dropout and augmentation
@@ -91,15 +92,14 @@ class Trainer:
         self.steps, self.batch = plan.training.steps, plan.training.batch
         self.cfg = plan.recipe.train
         self.mode = monitor_mode(self.cfg)
-        self.sampler = ResumableDistributedSampler(
+        self.on_gpu = plan.topology.device == "cuda"
+        sampler = ResumableDistributedSampler(
             len(split.train), rank=self.rank, world_size=self.world, micro_batch=self.batch.micro,
             batches_per_step=self.batch.grad_accum, seed=self.cfg.seed)
-        # A generator of its own: creating a DataLoader iterator draws a worker seed,
-        # which from the global RNG would shift dropout after every resume.
-        self.loader = DataLoader(split.train, batch_sampler=self.sampler,
-                                 num_workers=plan.recipe.data.num_workers,
-                                 pin_memory=plan.topology.device == "cuda",
-                                 generator=torch.Generator().manual_seed(self.cfg.seed + self.rank))
+        self.batches = train_batches(split.train, plan.recipe.data, sampler, on_gpu=self.on_gpu,
+                                     seed=self.cfg.seed + self.rank)
+        self.augment = plan.recipe.data.augment
+        self.mixing = bool(self.augment.mixup_alpha or self.augment.cutmix_alpha or self.augment.label_smoothing)
         self.val = split.val
         self.step = 0
         self.best: float | None = None
@@ -122,10 +122,10 @@ class Trainer:
         first_step = self.step
         while self.step < total and not self.stopped_early:
             epoch, step_in_epoch = divmod(self.step, per_epoch)
-            self.sampler.set_epoch(epoch, start_batch=step_in_epoch * accum)
-            batches = iter(self.loader)
+            self.batches.set_epoch(epoch, start_batch=step_in_epoch * accum)
+            batches = iter(self.batches)
             for _ in range(step_in_epoch, per_epoch):
-                result = self.engine.train_step([next(batches) for _ in range(accum)])
+                result = self.engine.train_step([self._mix(next(batches), k) for k in range(accum)])
                 self.step += 1
                 loss, preempted = self._share_step(result.loss)
                 window_steps += 1
@@ -154,6 +154,17 @@ class Trainer:
 
     # -- pieces of a step -------------------------------------------------------------
 
+    def _mix(self, batch: Batch, micro: int) -> Batch:
+        """Mixup / cutmix / label smoothing of one micro-batch, drawn from (seed, rank,
+        step, micro-batch): a resumed run mixes as the uninterrupted one did."""
+        if not self.mixing:
+            return batch
+        seed = np.random.SeedSequence([self.cfg.seed, self.rank, self.step, micro]).generate_state(1)[0]
+        return mix_batch(*batch, num_classes=self.plan.training.data.num_classes,
+                         mixup_alpha=self.augment.mixup_alpha, cutmix_alpha=self.augment.cutmix_alpha,
+                         label_smoothing=self.augment.label_smoothing,
+                         generator=torch.Generator().manual_seed(int(seed)))
+
     def _share_step(self, loss: torch.Tensor) -> tuple[float, bool]:
         """One collective a step: every rank's loss and preemption flag. The logged loss
         is the mean; a NaN or Inf on any rank stops the run before it can reach a
@@ -175,18 +186,14 @@ class Trainer:
         """Loss and accuracy on the validation split, sharded over ranks. Every rank
         runs the same number of batches (padded rows weigh zero): under ZeRO-3 and FSDP
         a forward pass is a collective."""
-        inputs, targets = self.val.tensors
-        if len(inputs) == 0:
+        if len(self.val) == 0:
             return
-        per_rank = math.ceil(len(inputs) / self.world)
-        index = torch.arange(self.rank, per_rank * self.world, self.world)
-        weight = (index < len(inputs)).float()
-        index = index.clamp(max=len(inputs) - 1)
         sums = torch.zeros(3, dtype=torch.float64)
-        for rows in torch.arange(per_rank).split(self.batch.micro):
-            logits = self.engine.predict(inputs[index[rows]]).cpu()
-            per_sample_loss, per_sample_acc = sample_scores(logits, targets[index[rows]])
-            w = weight[rows]
+        for inputs, targets, w in eval_batches(self.val, self.plan.recipe.data, rank=self.rank,
+                                               world_size=self.world, batch=self.batch.micro,
+                                               on_gpu=self.on_gpu):
+            per_sample_loss, per_sample_acc = sample_scores(self.engine.predict(inputs).cpu(), targets.cpu())
+            w = w.cpu()
             sums += torch.stack([(per_sample_loss * w).sum(), (per_sample_acc * w).sum(), w.sum()]).double()
         device_sums = sums.to(self._collective_device())
         dist.all_reduce(device_sums)

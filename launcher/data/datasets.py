@@ -17,7 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from launcher.data.augment import ImageAugment
 from launcher.data.facts import DataFacts, feature_columns, parquet_files
+from launcher.data.image_rows import ImageRows, channel_stats
+from launcher.data.images import scan_image_folder
 from launcher.data.splits import split_indices
 from launcher.errors import UsageError
 from launcher.recipe import DataConfig
@@ -28,14 +31,18 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Split:
-    train: TensorDataset
-    val: TensorDataset
-    test: TensorDataset | None = None
+    train: TensorDataset | ImageRows
+    val: TensorDataset | ImageRows
+    test: TensorDataset | ImageRows | None = None
     """Only when asked for."""
 
 
-def load_split(cfg: DataConfig, facts: DataFacts, *, test: bool = False) -> Split:
-    """Load every row of ``cfg``'s source and split it as ``facts`` says."""
+def load_split(cfg: DataConfig, facts: DataFacts, *, seed: int = 0, test: bool = False) -> Split:
+    """Load every row of ``cfg``'s source and split it as ``facts`` says; an image
+    folder's rows are listed here and decoded as they are read, its training images
+    augmented from ``seed`` (the training seed)."""
+    if cfg.source == "images":
+        return _image_split(cfg, facts, seed, test)
     if cfg.kind == "tokens":
         seq = _load_tokens(cfg)
         _check_rows(cfg, facts, len(seq))
@@ -62,6 +69,26 @@ def _check_rows(cfg: DataConfig, facts: DataFacts, num_rows: int) -> None:
         raise UsageError(f"the data has {num_rows} rows but the plan was made for "
                          f"{facts.num_rows}; did the files change? plan the run again",
                          key="data.path" if cfg.source == "parquet" else "data.source")
+
+
+def _image_split(cfg: DataConfig, facts: DataFacts, seed: int, test: bool) -> Split:
+    folder = scan_image_folder(cfg.path or "")
+    _check_rows(cfg, facts, len(folder.files))
+    rows = split_indices(cfg, len(folder.files), labels=folder.labels, permutation=_randperm)
+    paths = [folder.paths(r) for r in rows]
+    if cfg.mean is not None and cfg.std is not None:
+        mean, std = torch.tensor(cfg.mean), torch.tensor(cfg.std)
+    elif cfg.normalize:
+        mean, std = channel_stats(paths[0], cfg.image_size)  # the training rows' alone
+    else:
+        mean, std = torch.zeros(3), torch.ones(3)
+    a = cfg.augment
+    augment = ImageAugment(size=cfg.image_size, random_crop=a.random_crop, crop_scale=tuple(a.crop_scale),
+                           crop_ratio=tuple(a.crop_ratio), flip=a.flip, color_jitter=a.color_jitter)
+    parts = [ImageRows(p, folder.labels[r], size=cfg.image_size, mean=mean, std=std,
+                       augment=augment if part == 0 else None, seed=seed)
+             for part, (p, r) in enumerate(zip(paths, rows, strict=True))]
+    return Split(parts[0], parts[1], parts[2] if test else None)
 
 
 def _rows(cfg: DataConfig, num_rows: int, labels: torch.Tensor | None = None) -> list[torch.Tensor]:

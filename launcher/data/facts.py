@@ -2,7 +2,8 @@
 the data itself: row counts, the shape of one input, the number of classes.
 
 Digits' figures are constants of scikit-learn's bundled dataset; synthetic data is
-described by its recipe; Parquet answers from its footers (pyarrow reads no rows).
+described by its recipe; Parquet answers from its footers (pyarrow reads no rows); an
+image folder from its listing (no image is opened).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher.data.images import scan_image_folder
 from launcher.data.splits import split_sizes
 from launcher.errors import UsageError
 from launcher.recipe import DataConfig
@@ -84,6 +86,9 @@ def _parquet_facts(cfg: DataConfig) -> tuple[int, tuple[int, ...], int]:
 def describe(cfg: DataConfig) -> DataFacts:
     if cfg.source == "digits":
         num_rows, shape, classes = DIGITS_ROWS, DIGITS_SHAPE, DIGITS_CLASSES
+    elif cfg.source == "images":
+        folder = scan_image_folder(cfg.path or "")  # lists the files, opens none
+        num_rows, shape, classes = len(folder.files), (3, cfg.image_size, cfg.image_size), len(folder.classes)
     elif cfg.source == "synthetic":
         num_rows = cfg.samples
         if cfg.kind == "tokens":

@@ -65,3 +65,20 @@ class ResumableDistributedSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         """Micro-batches left in the current epoch."""
         return self.batches_per_epoch - self.start_batch
+
+
+class EpochKeys(Sampler[list[tuple[int, int]]]):
+    """``sampler``'s micro-batches as (epoch, index) keys, for datasets whose samples are
+    random per epoch (augmented images): a DataLoader worker gets the epoch with each
+    index, which a copy of the dataset in a persistent worker could not learn otherwise."""
+
+    def __init__(self, sampler: ResumableDistributedSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.sampler.epoch
+        for batch in self.sampler:
+            yield [(epoch, index) for index in batch]
+
+    def __len__(self) -> int:
+        return len(self.sampler)

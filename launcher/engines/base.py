@@ -54,8 +54,12 @@ class Engine(Protocol):
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy for classification (B, C) and next-token prediction (B, T, V) alike,
-    computed in float32 whatever the training precision."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+    computed in float32 whatever the training precision. Targets are class indices, or
+    class probabilities (B, C) where mixup, cutmix or label smoothing made them."""
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    if targets.is_floating_point():
+        return F.cross_entropy(flat, targets.reshape(-1, targets.shape[-1]).float())
+    return F.cross_entropy(flat, targets.reshape(-1))
 
 
 def sample_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

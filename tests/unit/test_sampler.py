@@ -36,6 +36,24 @@ def test_ranks_share_an_epoch_without_overlap(world_size):
     assert all(0 <= i < NUM_SAMPLES for i in seen)
 
 
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("stop_at", [1, 3, 5])
+def test_every_sample_once_per_epoch_across_ranks_with_a_resume_mid_epoch(world_size, stop_at):
+    """192 samples, which every global batch here divides: each epoch, over all ranks, sees
+    each sample exactly once, also when every rank stops after `stop_at` micro-batches and
+    new samplers (new processes) resume there; the next epoch too."""
+    num = 192
+
+    def ranks() -> list[ResumableDistributedSampler]:
+        return [ResumableDistributedSampler(num, rank=r, world_size=world_size, micro_batch=4,
+                                            batches_per_step=2, seed=3) for r in range(world_size)]
+
+    for epoch in (4, 5):
+        before = [i for sampler in ranks() for batch in _epoch(sampler, epoch)[:stop_at] for i in batch]
+        after = [i for sampler in ranks() for batch in _epoch(sampler, epoch, stop_at) for i in batch]
+        assert sorted(before + after) == list(range(num))
+
+
 def test_epochs_have_different_orders_and_each_is_reproducible():
     sampler = _sampler()
     first, second = _epoch(sampler, 0), _epoch(sampler, 1)

@@ -1,0 +1,93 @@
+"""The trainer's batches, from whichever loader the recipe names (``data.loader``).
+
+``train_batches`` gives one rank's training micro-batches in the resumable sampler's
+order, through a torch DataLoader or a DALI pipeline; ``eval_batches`` gives one rank's
+share of an evaluation split with a weight per row, the same number of batches on every
+rank (under ZeRO-3 and FSDP a forward pass is a collective), padded rows weighing 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from launcher.data.image_rows import ImageRows
+from launcher.data.sampler import EpochKeys, ResumableDistributedSampler
+from launcher.recipe import DataConfig
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+WeightedBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class TrainBatches(Protocol):
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Iterate epoch ``epoch`` next, from its micro-batch ``start_batch``."""
+        ...
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+
+class TorchBatches:
+    """A DataLoader over the sampler's micro-batches."""
+
+    def __init__(self, dataset: Dataset, sampler: ResumableDistributedSampler, cfg: DataConfig, *,
+                 on_gpu: bool, seed: int) -> None:
+        self.sampler = sampler
+        workers = cfg.num_workers
+        # A generator of its own: creating a DataLoader iterator draws a worker seed,
+        # which from the global RNG would shift dropout after every resume.
+        self.loader = DataLoader(
+            dataset, batch_sampler=EpochKeys(sampler) if isinstance(dataset, ImageRows) else sampler,
+            num_workers=workers, pin_memory=on_gpu if cfg.pin_memory is None else cfg.pin_memory,
+            prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers and workers > 0,
+            generator=torch.Generator().manual_seed(seed))
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_batch)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.loader)
+
+
+def train_batches(dataset: Dataset, cfg: DataConfig, sampler: ResumableDistributedSampler, *,
+                  on_gpu: bool, seed: int) -> TrainBatches:
+    if cfg.loader == "dali":
+        assert isinstance(dataset, ImageRows)  # the recipe allows DALI for image folders only
+        from launcher.data.dali_loader import DaliTrainLoader, dali_device
+
+        paths = dataset.paths
+        return DaliTrainLoader(lambda row: np.fromfile(paths[row], dtype=np.uint8), dataset.labels.numpy(),
+                               sampler, dataset.augment, seed=dataset.seed, mean=dataset.mean.flatten().tolist(),
+                               std=dataset.std.flatten().tolist(), num_threads=cfg.dali.num_threads,
+                               prefetch_queue_depth=cfg.dali.prefetch_queue_depth,
+                               device_id=dali_device() if on_gpu else None)
+    return TorchBatches(dataset, sampler, cfg, on_gpu=on_gpu, seed=seed)
+
+
+def eval_batches(dataset: Dataset, cfg: DataConfig, *, rank: int, world_size: int, batch: int,
+                 on_gpu: bool = False) -> Iterator[WeightedBatch]:
+    """Rank ``rank``'s rows of ``dataset`` (rank, rank + world_size, ...; DALI shards
+    its own way), each batch with the weight of each row."""
+    if cfg.loader == "dali" and isinstance(dataset, ImageRows):
+        from launcher.data.dali_loader import dali_device, dali_eval_batches
+
+        return dali_eval_batches(dataset.paths, dataset.labels.numpy(), rank=rank, world_size=world_size,
+                                 batch=batch, size=dataset.size, mean=dataset.mean.flatten().tolist(),
+                                 std=dataset.std.flatten().tolist(), num_threads=cfg.dali.num_threads,
+                                 device_id=dali_device() if on_gpu else None)
+    per_rank = math.ceil(len(dataset) / world_size)
+    index = torch.arange(rank, per_rank * world_size, world_size)
+    weight = (index < len(dataset)).float()
+    index = index.clamp(max=len(dataset) - 1)
+    chunks = list(torch.arange(per_rank).split(batch))
+    if isinstance(dataset, TensorDataset):
+        inputs, targets = dataset.tensors
+        return ((inputs[index[rows]], targets[index[rows]], weight[rows]) for rows in chunks)
+    loader = DataLoader(dataset, batch_sampler=[index[rows].tolist() for rows in chunks],
+                        num_workers=cfg.num_workers)
+    return ((x, y, weight[rows]) for (x, y), rows in zip(loader, chunks, strict=True))
