@@ -1,9 +1,10 @@
 """Safe YAML loading that remembers where every key was written, and `--set` overrides.
 
-Two things PyYAML does not do for us:
+Three things PyYAML does not do for us:
 
 * report lines: the composed node tree has them, so we walk it once and keep a map from
   key path (``("optim", "lr")``) to line number, for error messages;
+* refuse a key written twice in one mapping (PyYAML keeps the last one silently);
 * read ``1e-3`` as a number: PyYAML follows YAML 1.1, where a float needs a dot, so
   ``lr: 3e-4`` would arrive as the *string* "3e-4". The float resolver below is the
   YAML 1.2 core-schema one, which every ML config in the wild assumes.
@@ -85,7 +86,12 @@ def _record_lines(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int]) -> 
         for key_node, value_node in node.value:
             key = key_node.value
             child = (*path, key)
-            lines[child] = key_node.start_mark.line + 1
+            line = key_node.start_mark.line + 1
+            # PyYAML keeps the last of two equal keys; the person who wrote both meant one.
+            if child in lines:
+                raise UsageError(f"duplicate key; it was already set on line {lines[child]}",
+                                 key=".".join(map(str, child)), line=line)
+            lines[child] = line
             _record_lines(value_node, child, lines)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):

@@ -39,6 +39,15 @@ def test_only_true_and_false_are_booleans(tmp_path):
     assert recipe.logging.tensorboard is False
 
 
+@pytest.mark.parametrize("text,expected", [
+    ("optim:\n  lr: 1.0\n  lr: 2.0\n", "error: optim.lr (line 3): duplicate key; it was already set on line 2"),
+    ("data: {source: digits, source: parquet}\n", "error: data.source (line 1): duplicate key"),
+    ("optim: {lr: 1.0}\ntrain: {seed: 1}\noptim: {lr: 2.0}\n", "error: optim (line 3): duplicate key"),
+])
+def test_a_key_written_twice_is_refused_not_silently_overwritten(tmp_path, text, expected):
+    assert error_of(write(tmp_path, text)).startswith(expected)
+
+
 def test_unknown_key_names_path_line_and_suggestion(tmp_path):
     message = error_of(write(tmp_path, "name: a\noptim:\n  lr: 0.1\n  wieght_decay: 0.1\n"))
     assert message == "error: optim.wieght_decay (line 4): unknown key; did you mean 'weight_decay'?"
