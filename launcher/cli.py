@@ -104,6 +104,26 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=("val", "test"), default="val",
                           help="the split to score (default: val)")
 
+    data = commands.add_parser("data", help="prepare a dataset as Parquet shards, or check them")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    prepare = data_commands.add_parser(
+        "prepare", help="an image folder, a CSV or a NumPy .npz (x, y) as Parquet shards with a manifest",
+        description="Write SRC (a folder of class folders of JPEG/PNG, a CSV file, or an .npz with "
+                    "arrays x and y) as OUT/part-NNNNN.parquet shards and OUT/_manifest.json (rows, "
+                    "columns, class counts, each shard's size and sha256). OUT appears complete or "
+                    "not at all. Train on it with data.source: parquet, data.path: OUT.")
+    prepare.add_argument("source", metavar="SRC")
+    prepare.add_argument("out", metavar="OUT")
+    prepare.add_argument("--label-column", default="label", help="the CSV's label column (default: label)")
+    prepare.add_argument("--rows-per-shard", type=int, default=8192, help="rows per file (default: 8192)")
+    prepare.add_argument("--row-group-rows", type=int, default=1024,
+                         help="rows per Parquet row group, the unit a rank reads (default: 1024)")
+    prepare.add_argument("--seed", type=int,
+                         help="shuffle the rows with this seed first (default: keep the source order)")
+    prepare.add_argument("--overwrite", action="store_true", help="replace an OUT written by an earlier prepare")
+    verify = data_commands.add_parser("verify", help="check shards against their manifest (sizes, sha256, rows)")
+    verify.add_argument("out", metavar="OUT")
+
     explain = commands.add_parser("explain", help="document a recipe key, e.g. optim.scaling")
     explain.add_argument("key")
     return parser
@@ -172,6 +192,30 @@ def _cmd_eval(args: argparse.Namespace, _: list[str]) -> int:
     scores = evaluate_run(Path(args.run_dir), args.split)
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "rows")
     print(f"{metrics} on {scores['rows']} {args.split} rows of {args.run_dir}")
+    return 0
+
+
+_PREPARE_KEYS = {"source": "SRC", "out": "OUT", "label_column": "--label-column",
+                 "rows_per_shard": "--rows-per-shard", "row_group_rows": "--row-group-rows"}
+
+
+def _cmd_data(args: argparse.Namespace, _: list[str]) -> int:
+    from launcher.data.prepare import prepare, verify
+
+    if args.data_command == "verify":
+        problems = verify(args.out)
+        for problem in problems:
+            print(f"{args.out}: {problem}", file=sys.stderr)
+        print(f"{args.out}: {'damaged' if problems else 'ok'}")
+        return 1 if problems else 0
+    try:
+        manifest = prepare(args.source, args.out, label_column=args.label_column,
+                           rows_per_shard=args.rows_per_shard, row_group_rows=args.row_group_rows,
+                           seed=args.seed, overwrite=args.overwrite)
+    except UsageError as err:
+        err.key = _PREPARE_KEYS.get(err.key or "", err.key)
+        raise
+    print(f"{args.out}: {manifest.rows} rows in {len(manifest.shards)} shards")
     return 0
 
 
@@ -503,7 +547,7 @@ def _submit_sweep(recipe, spec, sweep_dir: Path, nodes_per_trial: int) -> int:
 
 
 _COMMANDS = {"run": _cmd_run, "submit": _cmd_run, "plan": _cmd_plan, "validate": _cmd_validate,
-             "explain": _cmd_explain, "eval": _cmd_eval, "status": _cmd_status, "logs": _cmd_logs, "cancel": _cmd_cancel,
+             "explain": _cmd_explain, "eval": _cmd_eval, "data": _cmd_data, "status": _cmd_status, "logs": _cmd_logs, "cancel": _cmd_cancel,
              "sweep": _cmd_sweep}
 
 

@@ -91,6 +91,10 @@ class DataConfig(Section):
     the time column."""
     label_column: str = "label"
     """Parquet column holding the class label (kind: classification)."""
+    image_column: str = "image"
+    """Parquet column of encoded JPEG/PNG files, as `dlaunch data prepare` writes for an
+    image folder: when the files have it, each row is an image (with its label), decoded
+    and augmented as an image folder's."""
     tokens_column: str = "tokens"
     """Parquet column holding a list of token ids per row (kind: tokens)."""
     shape: list[int] | None = None
@@ -508,7 +512,7 @@ def _check_loading(data: DataConfig) -> None:
     if data.source == "images" and data.shape is not None:
         raise UsageError("images reach the model as 3 x image_size x image_size; set "
                          "data.image_size instead", key="data.shape")
-    if data.loader == "dali" and data.source != "images":
+    if data.loader == "dali" and data.source not in ("images", "parquet"):
         raise UsageError(f"DALI decodes image files; {data.source} rows are tensors already, "
                          "use loader: torch", key="data.loader")
     if data.prefetch_factor is not None and data.num_workers == 0:
@@ -518,9 +522,9 @@ def _check_loading(data: DataConfig) -> None:
         raise UsageError("give data.mean and data.std together", key="data.std" if data.std is None else "data.mean")
     for key in ("mean", "std"):
         values = getattr(data, key)
-        if values is not None and (data.source != "images" or len(values) != 3):
-            raise UsageError(f"data.{key} is three per-channel values of an image folder "
-                             "(source: images)", key=f"data.{key}")
+        if values is not None and (data.source not in ("images", "parquet") or len(values) != 3):
+            raise UsageError(f"data.{key} is three per-channel values of images (source: images, "
+                             "or parquet with an image column)", key=f"data.{key}")
     if data.std is not None and min(data.std) <= 0:
         raise UsageError("each channel's std must be above 0", key="data.std")
     aug = data.augment

@@ -41,7 +41,7 @@ def load_split(cfg: DataConfig, facts: DataFacts, *, seed: int = 0, test: bool =
     """Load every row of ``cfg``'s source and split it as ``facts`` says; an image
     folder's rows are listed here and decoded as they are read, its training images
     augmented from ``seed`` (the training seed)."""
-    if cfg.source == "images":
+    if facts.encoded_images:
         return _image_split(cfg, facts, seed, test)
     if cfg.kind == "tokens":
         seq = _load_tokens(cfg)
@@ -72,10 +72,18 @@ def _check_rows(cfg: DataConfig, facts: DataFacts, num_rows: int) -> None:
 
 
 def _image_split(cfg: DataConfig, facts: DataFacts, seed: int, test: bool) -> Split:
-    folder = scan_image_folder(cfg.path or "")
-    _check_rows(cfg, facts, len(folder.files))
-    rows = split_indices(cfg, len(folder.files), labels=folder.labels, permutation=_randperm)
-    paths = [folder.paths(r) for r in rows]
+    """Image rows: an image folder's files, or a Parquet column's encoded files (all of
+    them in memory: a few kB each, and DataLoader workers share them copy-on-write)."""
+    if cfg.source == "images":
+        folder = scan_image_folder(cfg.path or "")
+        labels, files = folder.labels, folder.paths()
+    else:
+        table = _read_table(cfg, [cfg.image_column, cfg.label_column])
+        labels = table.column(cfg.label_column).to_numpy().astype(np.int64)
+        files = table.column(cfg.image_column).to_pylist()
+    _check_rows(cfg, facts, len(files))
+    rows = split_indices(cfg, len(files), labels=labels, times=_times(cfg), permutation=_randperm)
+    paths = [[files[i] for i in r] for r in rows]
     if cfg.mean is not None and cfg.std is not None:
         mean, std = torch.tensor(cfg.mean), torch.tensor(cfg.std)
     elif cfg.normalize:
@@ -85,7 +93,7 @@ def _image_split(cfg: DataConfig, facts: DataFacts, seed: int, test: bool) -> Sp
     a = cfg.augment
     augment = ImageAugment(size=cfg.image_size, random_crop=a.random_crop, crop_scale=tuple(a.crop_scale),
                            crop_ratio=tuple(a.crop_ratio), flip=a.flip, color_jitter=a.color_jitter)
-    parts = [ImageRows(p, folder.labels[r], size=cfg.image_size, mean=mean, std=std,
+    parts = [ImageRows(p, labels[r], size=cfg.image_size, mean=mean, std=std,
                        augment=augment if part == 0 else None, seed=seed)
              for part, (p, r) in enumerate(zip(paths, rows, strict=True))]
     return Split(parts[0], parts[1], parts[2] if test else None)

@@ -33,6 +33,8 @@ class DataFacts:
     """Classes, or the vocabulary size for token data."""
     num_test: int = 0
     """Rows of the test split, which neither training nor validation reads."""
+    encoded_images: bool = False
+    """Rows are encoded image files to decode: an image folder, or a Parquet image column."""
 
 
 def feature_columns(cfg: DataConfig, names: list[str]) -> list[str]:
@@ -52,7 +54,7 @@ def parquet_files(path: str) -> list[Path]:
     return [root]
 
 
-def _parquet_facts(cfg: DataConfig) -> tuple[int, tuple[int, ...], int]:
+def _parquet_facts(cfg: DataConfig) -> tuple[int, tuple[int, ...], int, bool]:
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
@@ -70,20 +72,32 @@ def _parquet_facts(cfg: DataConfig) -> tuple[int, tuple[int, ...], int]:
         if cfg.tokens_column not in names:
             raise UsageError(f"column {cfg.tokens_column!r} not in {names}", key="data.tokens_column")
         # A token file says nothing cheap about its vocabulary: the recipe gives it.
-        return num_rows, (cfg.seq_len - 1,), cfg.vocab_size
+        return num_rows, (cfg.seq_len - 1,), cfg.vocab_size, False
     if cfg.label_column not in names:
         raise UsageError(f"column {cfg.label_column!r} not in {names}", key="data.label_column")
+    # Class count needs the label values: read that one column (small) once.
+    labels = ds.dataset([str(f) for f in files], format="parquet").to_table(columns=[cfg.label_column])
+    num_classes = int(pc.max(labels.column(0)).as_py()) + 1
+    if cfg.image_column in names and _is_binary(schema.field(cfg.image_column).type):
+        return num_rows, (3, cfg.image_size, cfg.image_size), num_classes, True
+    if cfg.loader == "dali":
+        raise UsageError(f"DALI decodes images; these files have no {cfg.image_column!r} column of "
+                         "encoded images (data.image_column), use loader: torch", key="data.loader")
     features = feature_columns(cfg, names)
     missing = [c for c in features if c not in names]
     if missing:
         raise UsageError(f"columns {missing} not in {names}", key="data.feature_columns")
-    # Class count needs the label values: read that one column (small) once.
-    labels = ds.dataset([str(f) for f in files], format="parquet").to_table(columns=[cfg.label_column])
-    num_classes = int(pc.max(labels.column(0)).as_py()) + 1
-    return num_rows, (len(features),), num_classes
+    return num_rows, (len(features),), num_classes, False
+
+
+def _is_binary(dtype: object) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype)
 
 
 def describe(cfg: DataConfig) -> DataFacts:
+    encoded_images = cfg.source == "images"
     if cfg.source == "digits":
         num_rows, shape, classes = DIGITS_ROWS, DIGITS_SHAPE, DIGITS_CLASSES
     elif cfg.source == "images":
@@ -96,8 +110,11 @@ def describe(cfg: DataConfig) -> DataFacts:
         else:
             shape, classes = (cfg.num_features,), cfg.num_classes
     else:
-        num_rows, shape, classes = _parquet_facts(cfg)
+        num_rows, shape, classes, encoded_images = _parquet_facts(cfg)
     if cfg.shape is not None:
+        if encoded_images:
+            raise UsageError("images reach the model as 3 x image_size x image_size; set "
+                             "data.image_size instead", key="data.shape")
         if cfg.kind == "tokens":
             raise UsageError("data.shape is for feature rows, not token sequences", key="data.shape")
         if math.prod(cfg.shape) != math.prod(shape):
@@ -105,5 +122,5 @@ def describe(cfg: DataConfig) -> DataFacts:
                              f"has {math.prod(shape)}", key="data.shape")
         shape = tuple(cfg.shape)
     num_train, num_val, num_test = split_sizes(cfg, num_rows)
-    return DataFacts(num_rows, num_train, num_val, tuple(shape), classes, num_test)
+    return DataFacts(num_rows, num_train, num_val, tuple(shape), classes, num_test, encoded_images)
 

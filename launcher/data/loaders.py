@@ -12,7 +12,6 @@ import math
 from collections.abc import Iterator
 from typing import Protocol
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -60,8 +59,7 @@ def train_batches(dataset: Dataset, cfg: DataConfig, sampler: ResumableDistribut
         assert isinstance(dataset, ImageRows)  # the recipe allows DALI for image folders only
         from launcher.data.dali_loader import DaliTrainLoader, dali_device
 
-        paths = dataset.paths
-        return DaliTrainLoader(lambda row: np.fromfile(paths[row], dtype=np.uint8), dataset.labels.numpy(),
+        return DaliTrainLoader(dataset.encoded, dataset.labels.numpy(),
                                sampler, dataset.augment, seed=dataset.seed, mean=dataset.mean.flatten().tolist(),
                                std=dataset.std.flatten().tolist(), num_threads=cfg.dali.num_threads,
                                prefetch_queue_depth=cfg.dali.prefetch_queue_depth,
@@ -73,10 +71,12 @@ def eval_batches(dataset: Dataset, cfg: DataConfig, *, rank: int, world_size: in
                  on_gpu: bool = False) -> Iterator[WeightedBatch]:
     """Rank ``rank``'s rows of ``dataset`` (rank, rank + world_size, ...; DALI shards
     its own way), each batch with the weight of each row."""
-    if cfg.loader == "dali" and isinstance(dataset, ImageRows):
+    # DALI's file reader shards the files of an image folder; encoded images from a
+    # Parquet column are evaluated by the torch path (the views are the same).
+    if cfg.loader == "dali" and isinstance(dataset, ImageRows) and isinstance(dataset.files[0], str):
         from launcher.data.dali_loader import dali_device, dali_eval_batches
 
-        return dali_eval_batches(dataset.paths, dataset.labels.numpy(), rank=rank, world_size=world_size,
+        return dali_eval_batches(dataset.files, dataset.labels.numpy(), rank=rank, world_size=world_size,
                                  batch=batch, size=dataset.size, mean=dataset.mean.flatten().tolist(),
                                  std=dataset.std.flatten().tolist(), num_threads=cfg.dali.num_threads,
                                  device_id=dali_device() if on_gpu else None)

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 RECIPE = """
 name: images
 model: {{name: cnn, kwargs: {{channels: [16, 32]}}}}
-data: {{source: images, path: {images}, image_size: 24, val_fraction: 0.25, loader: {loader},
+data: {{source: {source}, path: {images}, image_size: 24, val_fraction: 0.25, loader: {loader},
         augment: {{crop_scale: [0.35, 1.0], color_jitter: 0.2{augment}}}{data}}}
 optim: {{lr: 1.0e-2}}
 engine: {{name: {engine}, zero_stage: {stage}}}
@@ -33,12 +33,12 @@ def images(tmp_path_factory):
     return write_pattern_images(tmp_path_factory.mktemp("patterns"), 64)
 
 
-def run(tmp_path, images, name: str, *, loader: str = "torch", engine: str = "deepspeed", stage: int = 2,
+def run(tmp_path, images, name: str, *, source: str = "images", loader: str = "torch", engine: str = "deepspeed", stage: int = 2,
         steps: int = 30, augment: str = "", data: str = "", checkpoint_every: int = 15,
         env: dict | None = None):
     root = tmp_path / name
     recipe = tmp_path / f"{name}.yaml"
-    recipe.write_text(RECIPE.format(images=images, loader=loader, engine=engine, stage=stage, steps=steps,
+    recipe.write_text(RECIPE.format(source=source, images=images, loader=loader, engine=engine, stage=stage, steps=steps,
                                     augment=augment, data=data, checkpoint_every=checkpoint_every,
                                     root=root))
     result = dlaunch("run", str(recipe), "--procs-per-node", "2", env=env)
@@ -98,3 +98,29 @@ def test_mixup_and_cutmix_train_through_both_engines(tmp_path, images, engine, s
     assert mixed_losses[0] != plain_losses[0]
     assert min(mixed_losses[-10:]) > min(plain_losses[-10:])
     assert metrics(mixed_dir, "summary")[0]["val_acc"] > 0.6
+
+
+def test_a_prepared_parquet_of_the_folder_trains_through_dali_and_torch(tmp_path, images):
+    shards = tmp_path / "shards"
+    prepared = dlaunch("data", "prepare", str(images), str(shards), "--row-group-rows", "32", "--seed", "0")
+    assert prepared.returncode == 0, prepared.stderr
+    assert prepared.stdout == f"{shards}: 192 rows in 1 shards\n"
+    assert dlaunch("data", "verify", str(shards)).stdout == f"{shards}: ok\n"
+    accuracy = {}
+    for loader in ("dali", "torch"):
+        result, run_dir = run(tmp_path, shards, f"parquet-{loader}", source="parquet", loader=loader, steps=45)
+        assert result.returncode == 0, result.stderr[-3000:]
+        accuracy[loader] = metrics(run_dir, "summary")[0]["val_acc"]
+    assert min(accuracy.values()) > 0.8, accuracy
+
+
+def test_data_prepare_refuses_to_overwrite_and_verify_names_damage(tmp_path, images):
+    shards = tmp_path / "shards"
+    assert dlaunch("data", "prepare", str(images), str(shards)).returncode == 0
+    again = dlaunch("data", "prepare", str(images), str(shards))
+    assert again.returncode == 2
+    assert again.stderr == f"error: OUT: '{shards}' exists; choose a new directory or pass --overwrite\n"
+    part = shards / "part-00000.parquet"
+    part.write_bytes(part.read_bytes()[:-100] + bytes(100))
+    damaged = dlaunch("data", "verify", str(shards))
+    assert damaged.returncode == 1 and "part-00000.parquet" in damaged.stderr

@@ -67,14 +67,14 @@ def test_the_split_normalises_with_the_training_images_statistics_only(folder, t
     cfg = config(folder, validation="stratified", val_fraction=0.25, augment={"random_crop": False, "flip": False})
     split = load_split(cfg, describe(cfg), test=False)
     assert (len(split.train), len(split.val)) == (45, 15)
-    assert not set(split.train.paths) & set(split.val.paths)
+    assert not set(split.train.files) & set(split.val.files)
     # Brighten every validation image to white: the statistics must not move.
     leaked = tmp_path / "leaked"
     leaked.mkdir()
     for path in scan_image_folder(str(folder)).paths():
         target = leaked / path.split(str(folder) + "/")[1]
         target.parent.mkdir(exist_ok=True)
-        if path in split.val.paths:
+        if path in split.val.files:
             Image.new("RGB", Image.open(path).size, "white").save(target)
         else:
             shutil.copyfile(path, target)
