@@ -178,13 +178,18 @@ def _learning_rate(recipe: Recipe, global_batch: int) -> LearningRate:
                         reference_batch=optim.reference_batch)
 
 
-def _steps(recipe: Recipe, data: DataFacts, global_batch: int) -> StepPlan:
+def _steps(recipe: Recipe, data: DataFacts, global_batch: int, world_size: int) -> StepPlan:
     train = recipe.train
-    per_epoch = data.num_train // global_batch
+    usable = data.num_train
+    if recipe.data.streaming:  # each rank its own rows: as many as the smallest share
+        from launcher.data.streaming import train_rows_per_rank
+
+        usable = world_size * train_rows_per_rank(recipe.data, data, world_size)
+    per_epoch = usable // global_batch
     if per_epoch == 0:
         raise UsageError(
-            f"the training split has {data.num_train} rows, fewer than one global batch of "
-            f"{global_batch}; lower micro_batch_size or use fewer ranks",
+            f"the training split has {usable} rows{' the ranks can share' if usable < data.num_train else ''}, "
+            f"fewer than one global batch of {global_batch}; lower micro_batch_size or use fewer ranks",
             key="train.micro_batch_size")
     if train.max_steps is not None:
         total = train.max_steps
@@ -307,7 +312,7 @@ def build_plan(recipe: Recipe, *, host: HostFacts, data: DataFacts | None, run_d
         _check_model(recipe, data)
         batch = _batch(recipe, topo.world_size)
         lr = _learning_rate(recipe, batch.global_)
-        training = TrainingPlan(data=data, batch=batch, lr=lr, steps=_steps(recipe, data, batch.global_),
+        training = TrainingPlan(data=data, batch=batch, lr=lr, steps=_steps(recipe, data, batch.global_, topo.world_size),
                                 engine=_engine(recipe, topo, batch, lr.scaled))
     return LaunchPlan(
         name=recipe.name, run_dir=run_dir, recipe=recipe, topology=topo,
@@ -340,7 +345,8 @@ def format_plan(plan: LaunchPlan) -> str:
         rows += [
             ("model", model),
             ("data", f"{recipe.data.source}: {d.num_train} train / {d.num_val} val / {d.num_test} test "
-                     f"rows ({_validation(recipe.data)}), input {list(d.input_shape)}, {d.num_classes} classes"),
+                     f"rows ({_validation(recipe.data)}), input {list(d.input_shape)}, {d.num_classes} classes"
+                     + (f", streamed by rank from {len(d.row_groups)} row groups" if d.row_groups else "")),
             ("batch", f"micro {b.micro} x {topo.world_size} ranks x accum {b.grad_accum} = global {b.global_}"),
             ("learning rate", f"{lr.scaled:.6g}" + (
                 f" ({lr.rule} scaling of {lr.base:g} from batch {lr.reference_batch})"

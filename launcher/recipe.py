@@ -147,6 +147,11 @@ class DataConfig(Section):
     evaluation centre crops are resized to it."""
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     """Training-time augmentation."""
+    streaming: bool = False
+    """Parquet too large for a rank's memory: each rank reads only its own row groups
+    (dealt round-robin, as `dlaunch data prepare` writes them), one at a time, with the
+    columns it needs; an epoch shuffles the rank's row groups and the rows within each.
+    Feature and token rows; holdout, kfold or row-ordered walk_forward splits."""
     loader: Literal["torch", "dali"] = "torch"
     """Who reads, decodes and augments batches: torch (a DataLoader) or dali (an NVIDIA
     DALI pipeline: GPU operators when the rank has a GPU, CPU operators when not)."""
@@ -527,6 +532,14 @@ def _check_loading(data: DataConfig) -> None:
                              "or parquet with an image column)", key=f"data.{key}")
     if data.std is not None and min(data.std) <= 0:
         raise UsageError("each channel's std must be above 0", key="data.std")
+    if data.streaming:
+        if data.source != "parquet":
+            raise UsageError("streaming reads Parquet row groups; set data.source: parquet",
+                             key="data.streaming")
+        if data.validation.startswith("stratified") or data.time_column is not None:
+            raise UsageError("a streaming rank reads its own rows only, so it cannot split by "
+                             "labels or times of all rows; use holdout, kfold or walk_forward in "
+                             "row order", key="data.validation")
     aug = data.augment
     low, high = aug.crop_scale
     if not 0 < low <= high <= 1:

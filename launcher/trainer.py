@@ -31,7 +31,7 @@ from launcher import checkpoint, preemption
 from launcher.data.augment import mix_batch
 from launcher.data.datasets import Split, load_split
 from launcher.data.loaders import Batch, eval_batches, train_batches
-from launcher.data.sampler import ResumableDistributedSampler
+from launcher.data.stream_rows import streamed_split
 from launcher.engines.base import Engine, monitor_mode, sample_scores
 from launcher.models.build import build_model
 from launcher.monitor import MetricsLog, Progress
@@ -76,9 +76,14 @@ def run_training(plan: LaunchPlan) -> None:
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     recipe, training = plan.recipe, plan.training
     seed_everything(recipe.train.seed)  # the same initial weights on every rank
-    split = load_split(recipe.data, training.data, seed=recipe.train.seed)
+    streaming = recipe.data.streaming
+    split = None if streaming else load_split(recipe.data, training.data, seed=recipe.train.seed)
     model = build_model(recipe.model, training.data)
     engine = create_engine(plan, model)
+    if streaming:  # its normalisation statistics are a collective: after the process group
+        device = torch.device("cuda", torch.cuda.current_device()) if plan.topology.dist_backend == "nccl" \
+            else torch.device("cpu")
+        split = streamed_split(recipe.data, training.data, dist.get_rank(), dist.get_world_size(), device=device)
     seed_everything(recipe.train.seed + dist.get_rank())  # per-rank dropout and augmentation
     Trainer(plan, engine, split).fit()
 
@@ -93,11 +98,9 @@ class Trainer:
         self.cfg = plan.recipe.train
         self.mode = monitor_mode(self.cfg)
         self.on_gpu = plan.topology.device == "cuda"
-        sampler = ResumableDistributedSampler(
-            len(split.train), rank=self.rank, world_size=self.world, micro_batch=self.batch.micro,
-            batches_per_step=self.batch.grad_accum, seed=self.cfg.seed)
-        self.batches = train_batches(split.train, plan.recipe.data, sampler, on_gpu=self.on_gpu,
-                                     seed=self.cfg.seed + self.rank)
+        self.batches = train_batches(split.train, plan.recipe.data, rank=self.rank, world_size=self.world,
+                                     micro_batch=self.batch.micro, batches_per_step=self.batch.grad_accum,
+                                     steps_per_epoch=self.steps.per_epoch, on_gpu=self.on_gpu, seed=self.cfg.seed)
         self.augment = plan.recipe.data.augment
         self.mixing = bool(self.augment.mixup_alpha or self.augment.cutmix_alpha or self.augment.label_smoothing)
         self.val = split.val

@@ -21,7 +21,7 @@ from launcher.data.augment import ImageAugment
 from launcher.data.facts import DataFacts, feature_columns, parquet_files
 from launcher.data.image_rows import ImageRows, channel_stats
 from launcher.data.images import scan_image_folder
-from launcher.data.splits import split_indices
+from launcher.data.splits import seeded_permutation, split_indices
 from launcher.errors import UsageError
 from launcher.recipe import DataConfig
 
@@ -101,8 +101,10 @@ def _image_split(cfg: DataConfig, facts: DataFacts, seed: int, test: bool) -> Sp
 
 def _rows(cfg: DataConfig, num_rows: int, labels: torch.Tensor | None = None) -> list[torch.Tensor]:
     """[train, val, test] row indices, as ``split_indices`` picks them."""
+    # A streamed run's ranks and planner pick rows with numpy's shuffle (they have no
+    # torch, or no rows but their own): read whole, its rows must be the same.
     rows = split_indices(cfg, num_rows, labels=None if labels is None else labels.numpy(),
-                         times=_times(cfg), permutation=_randperm)
+                         times=_times(cfg), permutation=seeded_permutation if cfg.streaming else _randperm)
     return [torch.from_numpy(r) for r in rows]
 
 
@@ -192,13 +194,25 @@ def _read_table(cfg: DataConfig, columns: list[str]) -> pa.Table:
     return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
 
 
-def _parquet_rows(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    import pyarrow as pa
+def parquet_columns(cfg: DataConfig) -> list[str]:
+    """The columns a run reads: the tokens, or the features and the label."""
     import pyarrow.parquet as pq
 
+    if cfg.kind == "tokens":
+        return [cfg.tokens_column]
     names = pq.read_schema(parquet_files(cfg.path or "")[0]).names
-    features = feature_columns(cfg, names)
-    table = _read_table(cfg, [*features, cfg.label_column])
+    return [*feature_columns(cfg, names), cfg.label_column]
+
+
+def _parquet_rows(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    return feature_rows(cfg, _read_table(cfg, parquet_columns(cfg)))
+
+
+def feature_rows(cfg: DataConfig, table: pa.Table) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features float32 (N, F), labels int64 (N,)) of a table of ``parquet_columns``."""
+    import pyarrow as pa
+
+    features = table.column_names[:-1]
     bad = [c for c in features if not _is_numeric(table.schema.field(c).type)]
     if bad:
         raise UsageError(f"feature columns must hold one number per row; {bad} do not",
@@ -226,11 +240,15 @@ def _is_numeric(dtype: pa.DataType) -> bool:
 
 
 def _parquet_tokens(cfg: DataConfig) -> torch.Tensor:
-    """The first seq_len tokens of every row of the tokens column."""
+    return token_rows(cfg, _read_table(cfg, [cfg.tokens_column]))
+
+
+def token_rows(cfg: DataConfig, table: pa.Table) -> torch.Tensor:
+    """The first seq_len tokens of every row of a table of the tokens column."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    column = _read_table(cfg, [cfg.tokens_column]).column(0).combine_chunks()
+    column = table.column(0).combine_chunks()
     kind = column.type
     is_list = pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
     if not (is_list and pa.types.is_integer(kind.value_type)):

@@ -35,6 +35,8 @@ class DataFacts:
     """Rows of the test split, which neither training nor validation reads."""
     encoded_images: bool = False
     """Rows are encoded image files to decode: an image folder, or a Parquet image column."""
+    row_groups: tuple[int, ...] = ()
+    """Rows of each Parquet row group in order, when the data is streamed by row group."""
 
 
 def feature_columns(cfg: DataConfig, names: list[str]) -> list[str]:
@@ -111,6 +113,9 @@ def describe(cfg: DataConfig) -> DataFacts:
             shape, classes = (cfg.num_features,), cfg.num_classes
     else:
         num_rows, shape, classes, encoded_images = _parquet_facts(cfg)
+        if cfg.streaming and encoded_images:
+            raise UsageError("streaming reads feature and token rows; an image column is read "
+                             "whole (set data.streaming: false)", key="data.streaming")
     if cfg.shape is not None:
         if encoded_images:
             raise UsageError("images reach the model as 3 x image_size x image_size; set "
@@ -122,5 +127,13 @@ def describe(cfg: DataConfig) -> DataFacts:
                              f"has {math.prod(shape)}", key="data.shape")
         shape = tuple(cfg.shape)
     num_train, num_val, num_test = split_sizes(cfg, num_rows)
-    return DataFacts(num_rows, num_train, num_val, tuple(shape), classes, num_test, encoded_images)
+    row_groups = _row_group_sizes(cfg) if cfg.streaming else ()
+    return DataFacts(num_rows, num_train, num_val, tuple(shape), classes, num_test, encoded_images,
+                     row_groups)
+
+
+def _row_group_sizes(cfg: DataConfig) -> tuple[int, ...]:
+    from launcher.data.parquet_shards import RowGroups
+
+    return tuple(g.num_rows for g in RowGroups.of(parquet_files(cfg.path or "")).groups)
 

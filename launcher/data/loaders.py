@@ -13,10 +13,11 @@ from collections.abc import Iterator
 from typing import Protocol
 
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from launcher.data.image_rows import ImageRows
 from launcher.data.sampler import EpochKeys, ResumableDistributedSampler
+from launcher.data.stream_rows import StreamRows, StreamSampler, collate
 from launcher.recipe import DataConfig
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -34,17 +35,18 @@ class TrainBatches(Protocol):
 class TorchBatches:
     """A DataLoader over the sampler's micro-batches."""
 
-    def __init__(self, dataset: Dataset, sampler: ResumableDistributedSampler, cfg: DataConfig, *,
+    def __init__(self, dataset: Dataset, sampler: Sampler[list[int]], cfg: DataConfig, *,
                  on_gpu: bool, seed: int) -> None:
         self.sampler = sampler
         workers = cfg.num_workers
+        streamed = isinstance(dataset, StreamRows)  # its __getitems__ returns a whole batch
         # A generator of its own: creating a DataLoader iterator draws a worker seed,
         # which from the global RNG would shift dropout after every resume.
         self.loader = DataLoader(
             dataset, batch_sampler=EpochKeys(sampler) if isinstance(dataset, ImageRows) else sampler,
             num_workers=workers, pin_memory=on_gpu if cfg.pin_memory is None else cfg.pin_memory,
             prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers and workers > 0,
-            generator=torch.Generator().manual_seed(seed))
+            generator=torch.Generator().manual_seed(seed), collate_fn=collate if streamed else None)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_batch)
@@ -53,8 +55,19 @@ class TorchBatches:
         return iter(self.loader)
 
 
-def train_batches(dataset: Dataset, cfg: DataConfig, sampler: ResumableDistributedSampler, *,
-                  on_gpu: bool, seed: int) -> TrainBatches:
+def train_batches(dataset: Dataset, cfg: DataConfig, *, rank: int, world_size: int, micro_batch: int,
+                  batches_per_step: int, steps_per_epoch: int, on_gpu: bool, seed: int) -> TrainBatches:
+    """One rank's training micro-batches: ``steps_per_epoch`` optimizer steps' worth an
+    epoch, in the order of the resumable sampler (or, streaming, the rank's own)."""
+    if isinstance(dataset, StreamRows):
+        sampler = StreamSampler(dataset.groups, rank=rank, micro_batch=micro_batch,
+                                batches_per_epoch=steps_per_epoch * batches_per_step, seed=seed)
+        return TorchBatches(dataset, sampler, cfg, on_gpu=on_gpu, seed=seed + rank)
+    sampler = ResumableDistributedSampler(len(dataset), rank=rank, world_size=world_size, micro_batch=micro_batch,
+                                          batches_per_step=batches_per_step, seed=seed)
+    if sampler.steps_per_epoch != steps_per_epoch:
+        raise RuntimeError(f"the data gives {sampler.steps_per_epoch} steps an epoch, the plan "
+                           f"{steps_per_epoch}; did the data change since the run was planned?")
     if cfg.loader == "dali":
         assert isinstance(dataset, ImageRows)  # the recipe allows DALI for image folders only
         from launcher.data.dali_loader import DaliTrainLoader, dali_device
@@ -64,13 +77,16 @@ def train_batches(dataset: Dataset, cfg: DataConfig, sampler: ResumableDistribut
                                std=dataset.std.flatten().tolist(), num_threads=cfg.dali.num_threads,
                                prefetch_queue_depth=cfg.dali.prefetch_queue_depth,
                                device_id=dali_device() if on_gpu else None)
-    return TorchBatches(dataset, sampler, cfg, on_gpu=on_gpu, seed=seed)
+    return TorchBatches(dataset, sampler, cfg, on_gpu=on_gpu, seed=seed + rank)
 
 
 def eval_batches(dataset: Dataset, cfg: DataConfig, *, rank: int, world_size: int, batch: int,
                  on_gpu: bool = False) -> Iterator[WeightedBatch]:
     """Rank ``rank``'s rows of ``dataset`` (rank, rank + world_size, ...; DALI shards
-    its own way), each batch with the weight of each row."""
+    its own way; a streaming rank evaluates its own rows), each batch with the weight of
+    each row."""
+    if isinstance(dataset, StreamRows):
+        return dataset.eval_batches(batch)
     # DALI's file reader shards the files of an image folder; encoded images from a
     # Parquet column are evaluated by the torch path (the views are the same).
     if cfg.loader == "dali" and isinstance(dataset, ImageRows) and isinstance(dataset.files[0], str):

@@ -106,17 +106,19 @@ class RowGroups:
         group at all when there are fewer groups than ranks."""
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not one of 0..{world_size - 1}")
-        return [g for g, owner in zip(self.groups, _deal(self.groups, world_size)) if owner == rank]
+        owners = deal_row_groups([g.num_rows for g in self.groups], world_size)
+        return [g for g, owner in zip(self.groups, owners, strict=True) if owner == rank]
 
 
-def _deal(groups: Sequence[RowGroup], world_size: int) -> list[int]:
-    """The owning rank of each group: least-loaded first, in order."""
+def deal_row_groups(sizes: Sequence[int], world_size: int) -> list[int]:
+    """The owning rank of each row group of ``sizes`` rows: least-loaded first, in order.
+    Needs no file, so the planner deals the groups exactly as the ranks will."""
     loads = [(0, rank) for rank in range(world_size)]  # already a heap
     owners = []
-    for group in groups:
+    for size in sizes:
         load, rank = heapq.heappop(loads)
         owners.append(rank)
-        heapq.heappush(loads, (load + group.num_rows, rank))
+        heapq.heappush(loads, (load + size, rank))
     return owners
 
 
