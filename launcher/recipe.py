@@ -138,13 +138,13 @@ class DataConfig(Section):
     """Standardise features with mean and std computed on the training split only (for
     images: per channel, unless `mean` and `std` are given)."""
     mean: list[float] | None = None
-    """Per-channel mean of the images (source: images), e.g. ImageNet's [0.485, 0.456,
-    0.406]; unset, it is measured on the training split."""
+    """Per-channel mean of the images (an image folder or a Parquet image column), e.g.
+    ImageNet's [0.485, 0.456, 0.406]; unset, it is measured on the training split."""
     std: list[float] | None = None
     """Per-channel standard deviation to go with `mean`."""
     image_size: int = Field(default=32, gt=0)
-    """Side of the square images the model sees (source: images): training crops and
-    evaluation centre crops are resized to it."""
+    """Side of the square images the model sees (an image folder or a Parquet image
+    column): training crops and evaluation centre crops are resized to it."""
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     """Training-time augmentation."""
     streaming: bool = False

@@ -70,6 +70,12 @@ def create_engine(plan: LaunchPlan, model: torch.nn.Module) -> Engine:
     return AccelerateEngine(plan, model)
 
 
+def collective_device(plan: LaunchPlan) -> torch.device:
+    """Where a tensor must be for a collective: NCCL reduces CUDA tensors only, gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if plan.topology.dist_backend == "nccl" \
+        else torch.device("cpu")
+
+
 def run_training(plan: LaunchPlan) -> None:
     # DeepSpeed's ZeRO calls a torch collective that torch has deprecated; nothing a
     # user can act on, printed by every rank at its first step.
@@ -81,9 +87,8 @@ def run_training(plan: LaunchPlan) -> None:
     model = build_model(recipe.model, training.data)
     engine = create_engine(plan, model)
     if streaming:  # its normalisation statistics are a collective: after the process group
-        device = torch.device("cuda", torch.cuda.current_device()) if plan.topology.dist_backend == "nccl" \
-            else torch.device("cpu")
-        split = streamed_split(recipe.data, training.data, dist.get_rank(), dist.get_world_size(), device=device)
+        split = streamed_split(recipe.data, training.data, dist.get_rank(), dist.get_world_size(),
+                               device=collective_device(plan))
     seed_everything(recipe.train.seed + dist.get_rank())  # per-rank dropout and augmentation
     Trainer(plan, engine, split).fit()
 
@@ -198,17 +203,12 @@ class Trainer:
             per_sample_loss, per_sample_acc = sample_scores(self.engine.predict(inputs).cpu(), targets.cpu())
             w = w.cpu()
             sums += torch.stack([(per_sample_loss * w).sum(), (per_sample_acc * w).sum(), w.sum()]).double()
-        device_sums = sums.to(self._collective_device())
+        device_sums = sums.to(collective_device(self.plan))
         dist.all_reduce(device_sums)
         loss_sum, acc_sum, count = device_sums.cpu().tolist()
         self.last_eval = {"val_loss": loss_sum / count, "val_acc": acc_sum / count}
         self._record("eval", self.last_eval)
         self._track(self.last_eval[self.cfg.monitor])
-
-    def _collective_device(self) -> torch.device:
-        # NCCL reduces CUDA tensors only; gloo reduces CPU tensors.
-        return torch.device("cuda", torch.cuda.current_device()) \
-            if self.plan.topology.dist_backend == "nccl" else torch.device("cpu")
 
     def _track(self, value: float) -> None:
         """Best value, reduce-on-plateau and early stopping on the monitored metric."""

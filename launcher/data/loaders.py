@@ -69,7 +69,7 @@ def train_batches(dataset: Dataset, cfg: DataConfig, *, rank: int, world_size: i
         raise RuntimeError(f"the data gives {sampler.steps_per_epoch} steps an epoch, the plan "
                            f"{steps_per_epoch}; did the data change since the run was planned?")
     if cfg.loader == "dali":
-        assert isinstance(dataset, ImageRows)  # the recipe allows DALI for image folders only
+        assert isinstance(dataset, ImageRows)  # the recipe and the data facts allow DALI for images only
         from launcher.data.dali_loader import DaliTrainLoader, dali_device
 
         return DaliTrainLoader(dataset.encoded, dataset.labels.numpy(),
