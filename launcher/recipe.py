@@ -284,6 +284,9 @@ class LoggingConfig(Section):
     """Write TensorBoard event files to RUN_DIR/tb."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    peak_tflops: float | None = Field(default=None, gt=0)
+    """Peak dense TFLOP/s of one device in the run's precision, for model FLOPs
+    utilisation (MFU); unset, known GPUs' bf16/fp16 peaks are used and CPUs report none."""
 
 
 class ContainerConfig(Section):

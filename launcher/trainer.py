@@ -33,6 +33,7 @@ from launcher.data.datasets import Split, load_split
 from launcher.data.loaders import Batch, eval_batches, train_batches
 from launcher.data.stream_rows import streamed_split
 from launcher.engines.base import Engine, monitor_mode, sample_scores
+from launcher.flops import Throughput, peak_flops, training_flops_per_sample
 from launcher.models.build import build_model
 from launcher.monitor import MetricsLog, Progress
 from launcher.plan import LaunchPlan
@@ -85,18 +86,29 @@ def run_training(plan: LaunchPlan) -> None:
     streaming = recipe.data.streaming
     split = None if streaming else load_split(recipe.data, training.data, seed=recipe.train.seed)
     model = build_model(recipe.model, training.data)
+    throughput = _throughput(plan, model)  # counted on the whole model, before ZeRO-3 shards it
     engine = create_engine(plan, model)
     if streaming:  # its normalisation statistics are a collective: after the process group
         split = streamed_split(recipe.data, training.data, dist.get_rank(), dist.get_world_size(),
                                device=collective_device(plan))
     seed_everything(recipe.train.seed + dist.get_rank())  # per-rank dropout and augmentation
-    Trainer(plan, engine, split).fit()
+    Trainer(plan, engine, split, throughput).fit()
+
+
+def _throughput(plan: LaunchPlan, model: torch.nn.Module) -> Throughput:
+    facts, tokens = plan.training.data, plan.recipe.data.kind == "tokens"
+    example = torch.zeros(1, *facts.input_shape, dtype=torch.long if tokens else torch.float32)
+    device = torch.cuda.get_device_name() if plan.topology.device == "cuda" else None
+    peak = peak_flops(device, plan.recipe.precision.dtype, plan.recipe.logging.peak_tflops)
+    return Throughput(training_flops_per_sample(model, example), facts.input_shape[0] if tokens else None,
+                      None if peak is None else peak * plan.topology.world_size)
 
 
 class Trainer:
-    def __init__(self, plan: LaunchPlan, engine: Engine, split: Split) -> None:
+    def __init__(self, plan: LaunchPlan, engine: Engine, split: Split, throughput: Throughput) -> None:
         self.plan = plan
         self.engine = engine
+        self.throughput = throughput
         self.run_dir = Path(plan.run_dir)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.steps, self.batch = plan.training.steps, plan.training.batch
@@ -141,8 +153,8 @@ class Trainer:
                 samples_per_s = window_steps * self.batch.global_ / (time.perf_counter() - window_start)
                 progress.update({"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "samples/s": f"{samples_per_s:.0f}"})
                 if self.step % self.steps.log_every == 0 or self.step == total:
-                    self._record("train", {"epoch": epoch, "loss": loss, "lr": lr,
-                                           "grad_norm": result.grad_norm, "samples_per_s": samples_per_s})
+                    self._record("train", {"epoch": epoch, "loss": loss, "lr": lr, "grad_norm": result.grad_norm,
+                                           **self.throughput.rates(samples_per_s)})
                     window_start, window_steps = time.perf_counter(), 0
                 if self.step % self.steps.eval_every == 0 or self.step == total:
                     self._evaluate()
@@ -254,13 +266,15 @@ class Trainer:
             return
         torch.save(weights, self.run_dir / "model.pt")
         samples_per_s = steps_run * self.batch.global_ / seconds if seconds > 0 else 0.0
-        summary = {"steps": self.step, "seconds": round(seconds, 2), "samples_per_s": samples_per_s,
-                   **self.last_eval, "best": self.best, "best_step": self.best_step,
+        rates = self.throughput.rates(samples_per_s)
+        summary = {"steps": self.step, "seconds": round(seconds, 2), **rates, **self.last_eval, "best": self.best, "best_step": self.best_step,
                    "stopped_early": self.stopped_early}
         self._record("summary", summary)
         self.metrics.close()
         scores = ", ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items())
         best = f" (best {self.cfg.monitor} {self.best:.4f} at step {self.best_step})" if self.best is not None else ""
         why = "stopped early" if self.stopped_early else "done"
-        print(f"dlaunch: {why}: {self.step} steps in {seconds:.1f}s, {samples_per_s:.0f} samples/s"
+        speed = f"{samples_per_s:.0f} samples/s" + (f", {rates['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in rates
+                                                    else "") + (f", MFU {rates['mfu']:.1%}" if "mfu" in rates else "")
+        print(f"dlaunch: {why}: {self.step} steps in {seconds:.1f}s, {speed}"
               f"{'; ' + scores if scores else ''}{best}; run dir {self.run_dir}", file=sys.stderr)

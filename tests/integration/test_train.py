@@ -4,6 +4,7 @@ bf16 and fp32, the three built-in models, and a complete run directory afterward
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -114,12 +115,18 @@ model: {{name: gpt, kwargs: {{n_layer: 1, n_head: 2, n_embd: 32}}}}
 data: {{source: synthetic, kind: tokens, samples: 512, seq_len: 16, vocab_size: 32}}
 optim: {{lr: 1.0e-2}}
 train: {{micro_batch_size: 16, max_steps: 60, eval_every: 30}}
-logging: {{run_root: {root}, progress: false}}
+logging: {{run_root: {root}, progress: false, peak_tflops: 2.0}}
 """)
     result = dlaunch("run", str(recipe), "--procs-per-node", "2")
     assert result.returncode == 0, result.stderr[-4000:]
-    [summary] = metrics(only_run_dir(root), "summary")
+    run_dir = only_run_dir(root)
+    [summary] = metrics(run_dir, "summary")
     assert summary["val_acc"] > 0.5  # next token is (prev + step) mod 32: chance is 1/32
+    # Live throughput: 15 tokens a sample; MFU against 2 ranks x the recipe's 2 TFLOP/s.
+    for record in [*metrics(run_dir, "train"), summary]:
+        assert record["tokens_per_s"] == pytest.approx(record["samples_per_s"] * 15)
+        assert 0 < record["mfu"] < 1
+    assert re.search(r"samples/s, \d+ tokens/s, MFU \d+\.\d%", result.stderr)
 
 
 def test_model_by_import_path(tmp_path, write_recipe):
