@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,8 @@ class MetricsLog:
             self._tb = SummaryWriter(str(run_dir / TENSORBOARD))
 
     def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        # JSON has no NaN or Infinity: a skipped step's loss is written as null.
+        values = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
         record = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
         self._file.write(json.dumps(record) + "\n")
         if self._tb is not None:

@@ -263,6 +263,23 @@ def _engine(recipe: Recipe, topo: Topology, batch: BatchPlan, lr: float) -> Engi
                       deepspeed=None, accelerate=kwargs)
 
 
+def _check_alerts(recipe: Recipe) -> None:
+    """Skip policies the engine can honour. DeepSpeed applies each step inside its own
+    step(), before dlaunch sees the gradient norm; it skips a step itself only when the
+    gradients hold a NaN or an Inf, and that check runs in ZeRO stages 1-2 and in fp16."""
+    if recipe.engine.name != "deepspeed":
+        return
+    if recipe.alerts.exploding_grad.policy == "skip":
+        raise UsageError("DeepSpeed applies a step before its gradient norm is known, so a step "
+                         "with a finite norm cannot be skipped; use warn or stop, or engine accelerate",
+                         key="alerts.exploding_grad.policy")
+    if (recipe.alerts.nonfinite.policy == "skip" and recipe.engine.zero_stage in (0, 3)
+            and recipe.precision.dtype != "fp16"):
+        raise UsageError(f"DeepSpeed checks gradients for NaN/Inf in ZeRO stages 1-2 and in fp16 only, "
+                         f"not in stage {recipe.engine.zero_stage} with {recipe.precision.dtype}; use "
+                         "stop, or one of those", key="alerts.nonfinite.policy")
+
+
 def _check_model(recipe: Recipe, data: DataFacts) -> None:
     if recipe.data.augment.cutmix_alpha and len(data.input_shape) != 3:
         raise UsageError(f"cutmix pastes boxes of images (C, H, W); the data has shape "
@@ -310,6 +327,7 @@ def build_plan(recipe: Recipe, *, host: HostFacts, data: DataFacts | None, run_d
         if data is None:
             raise ValueError("a built-in training job needs DataFacts")
         _check_model(recipe, data)
+        _check_alerts(recipe)
         batch = _batch(recipe, topo.world_size)
         lr = _learning_rate(recipe, batch.global_)
         training = TrainingPlan(data=data, batch=batch, lr=lr, steps=_steps(recipe, data, batch.global_, topo.world_size),

@@ -275,6 +275,51 @@ class TrainConfig(Section):
     it by its rank for dropout and augmentation."""
 
 
+Policy = Literal["warn", "skip", "stop"]
+
+
+class ExplodingGradConfig(Section):
+    threshold: float = Field(default=100.0, gt=0)
+    """Global gradient norm (before clipping) above which a step's gradients exploded."""
+    policy: Policy = "warn"
+    """warn (alerts.jsonl and the log), skip (the step is not applied; engine
+    accelerate), or stop (the run ends with the alert, before the next checkpoint)."""
+
+
+class VanishingGradConfig(Section):
+    threshold: float = Field(default=1e-7, ge=0)
+    """A top-level module whose gradient norm stays below this has stopped learning."""
+    checks: int = Field(default=5, gt=0)
+    """Consecutive logged steps below the threshold before the alert."""
+    policy: Literal["warn", "stop"] = "warn"
+    """warn, or stop the run."""
+
+
+class LossSpikeConfig(Section):
+    factor: float = Field(default=3.0, gt=1)
+    """A step's loss above factor x the median of the last `window` steps is a spike."""
+    window: int = Field(default=20, gt=1)
+    """Steps the median is taken over (no alert before that many)."""
+    policy: Literal["warn", "stop"] = "warn"
+    """warn, or stop the run."""
+
+
+class NonFiniteConfig(Section):
+    policy: Literal["skip", "stop"] = "stop"
+    """A NaN or Inf loss or gradient on any rank: stop the run (its checkpoints are all
+    from before the bad step), or skip the step (no update is applied) and go on."""
+
+
+class AlertsConfig(Section):
+    """Training-health alerts, checked every step, each written to RUN_DIR/alerts.jsonl
+    and the log and handled by its policy."""
+
+    exploding_grad: ExplodingGradConfig = Field(default_factory=ExplodingGradConfig)
+    vanishing_grad: VanishingGradConfig = Field(default_factory=VanishingGradConfig)
+    loss_spike: LossSpikeConfig = Field(default_factory=LossSpikeConfig)
+    nonfinite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)
+
+
 class LoggingConfig(Section):
     run_root: str = Field(default="runs", pattern=_ONE_LINE)
     """Directory under which run directories `<name>-<stamp>` are created."""
@@ -284,6 +329,9 @@ class LoggingConfig(Section):
     """Write TensorBoard event files to RUN_DIR/tb."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    module_grad_norms: bool = True
+    """Log the gradient norm of each top-level module at every logged step (and watch
+    them for vanishing gradients)."""
     peak_tflops: float | None = Field(default=None, gt=0)
     """Peak dense TFLOP/s of one device in the run's precision, for model FLOPs
     utilisation (MFU); unset, known GPUs' bf16/fp16 peaks are used and CPUs report none."""
@@ -427,6 +475,7 @@ class Recipe(Section):
     precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     sweep: SweepConfig | None = None

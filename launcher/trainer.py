@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from launcher import checkpoint, preemption
+from launcher.alerts import Alerts
 from launcher.data.augment import mix_batch
 from launcher.data.datasets import Split, load_split
 from launcher.data.loaders import Batch, eval_batches, train_batches
@@ -45,10 +46,6 @@ log = logging.getLogger("launcher.trainer")
 # as the OOM killer or a lost node would.
 KILL_AT_STEP = "DLAUNCH_FAULT_KILL_AT_STEP"
 KILL_RANK = "DLAUNCH_FAULT_KILL_RANK"
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 def seed_everything(seed: int) -> None:
@@ -109,6 +106,7 @@ class Trainer:
         self.plan = plan
         self.engine = engine
         self.throughput = throughput
+        self.alerts = Alerts(plan.recipe.alerts, Path(plan.run_dir), write=dist.get_rank() == 0)
         self.run_dir = Path(plan.run_dir)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.steps, self.batch = plan.training.steps, plan.training.batch
@@ -145,16 +143,21 @@ class Trainer:
             self.batches.set_epoch(epoch, start_batch=step_in_epoch * accum)
             batches = iter(self.batches)
             for _ in range(step_in_epoch, per_epoch):
-                result = self.engine.train_step([self._mix(next(batches), k) for k in range(accum)])
+                logged = (self.step + 1) % self.steps.log_every == 0 or self.step + 1 == total
+                result = self.engine.train_step([self._mix(next(batches), k) for k in range(accum)],
+                                                skip_above=self.alerts.skip_above,
+                                                module_norms=logged and self.plan.recipe.logging.module_grad_norms)
                 self.step += 1
-                loss, preempted = self._share_step(result.loss)
+                loss, bad_ranks, preempted = self._share_step(result.loss)
+                self.alerts.check(self.step, loss, bad_ranks, result)  # raises on a stop policy
                 window_steps += 1
                 lr = self.engine.schedule.get_last_lr()[0]
                 samples_per_s = window_steps * self.batch.global_ / (time.perf_counter() - window_start)
                 progress.update({"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "samples/s": f"{samples_per_s:.0f}"})
-                if self.step % self.steps.log_every == 0 or self.step == total:
+                if logged:
+                    modules = {f"grad_norm/{name}": norm for name, norm in (result.module_grad_norms or {}).items()}
                     self._record("train", {"epoch": epoch, "loss": loss, "lr": lr, "grad_norm": result.grad_norm,
-                                           **self.throughput.rates(samples_per_s)})
+                                           **modules, **self.throughput.rates(samples_per_s)})
                     window_start, window_steps = time.perf_counter(), 0
                 if self.step % self.steps.eval_every == 0 or self.step == total:
                     self._evaluate()
@@ -185,21 +188,17 @@ class Trainer:
                          label_smoothing=self.augment.label_smoothing,
                          generator=torch.Generator().manual_seed(int(seed)))
 
-    def _share_step(self, loss: torch.Tensor) -> tuple[float, bool]:
+    def _share_step(self, loss: torch.Tensor) -> tuple[float, list[int], bool]:
         """One collective a step: every rank's loss and preemption flag. The logged loss
-        is the mean; a NaN or Inf on any rank stops the run before it can reach a
-        checkpoint; a preemption request on any rank is seen by all at this step."""
+        is the mean (NaN with any rank's); the ranks whose loss is NaN or Inf go to the
+        alerts; a preemption request on any rank is seen by all at this step."""
         mine = torch.stack([loss.float(), torch.tensor(float(preemption.requested), device=loss.device)])
         shared = [torch.zeros_like(mine) for _ in range(self.world)]
         dist.all_gather(shared, mine)
         values = [float(v[0]) for v in shared]
         preempted = any(float(v[1]) > 0 for v in shared)
         bad = [rank for rank, value in enumerate(values) if not math.isfinite(value)]
-        if bad:
-            good = checkpoint.latest(self.run_dir)
-            raise NonFiniteLoss(f"step {self.step}: loss is {values[bad[0]]} on rank(s) {bad}; "
-                                f"the last good checkpoint is {good.name if good else 'none'}")
-        return sum(values) / self.world, preempted
+        return (values[bad[0]] if bad else sum(values) / self.world), bad, preempted
 
     @torch.no_grad()
     def _evaluate(self) -> None:

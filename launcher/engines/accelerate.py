@@ -8,6 +8,7 @@ the last micro-batch.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,7 +16,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
 
-from launcher.engines.base import Batch, StepResult, build_optimizer, loss_fn, make_schedule
+from launcher.engines.base import (
+    Batch,
+    StepResult,
+    build_optimizer,
+    loss_fn,
+    make_schedule,
+    module_grad_norms,
+)
 from launcher.models.build import param_groups
 from launcher.plan import LaunchPlan
 
@@ -54,21 +62,35 @@ class AccelerateEngine:
                  self.accelerator.distributed_type.value, self.accelerator.mixed_precision,
                  self.accelerator.gradient_accumulation_steps)
 
-    def train_step(self, micro_batches: Sequence[Batch]) -> StepResult:
+    def train_step(self, micro_batches: Sequence[Batch], *, skip_above: float | None = None,
+                   module_norms: bool = False) -> StepResult:
         self.model.train()
         total = torch.zeros((), device=self.device)
-        norm = None
+        norm, applied, modules = None, True, None
         for inputs, targets in micro_batches:
             with self.accelerator.accumulate(self.model):
                 loss = loss_fn(self.model(inputs.to(self.device)), targets.to(self.device))
                 self.accelerator.backward(loss)
                 if self.accelerator.sync_gradients:
+                    if module_norms:
+                        modules = self._module_norms()
                     norm = self._grad_norm()
-                self.optimizer.step()  # a no-op until the last micro-batch
+                    # Every rank holds the same reduced gradients (DDP) or the same
+                    # global norm (FSDP): they all decide alike.
+                    applied = skip_above is None or (math.isfinite(norm) and norm <= skip_above)
+                if applied:
+                    self.optimizer.step()  # a no-op until the last micro-batch
                 self.optimizer.zero_grad(set_to_none=True)
             total += loss.detach()
         self.schedule.step()
-        return StepResult(loss=total / len(micro_batches), grad_norm=norm)
+        return StepResult(loss=total / len(micro_batches), grad_norm=norm, applied=applied,
+                          module_grad_norms=modules)
+
+    def _module_norms(self) -> dict[str, float]:
+        # Under FSDP each rank holds a shard of each gradient: sum the squares over ranks.
+        sharded = self.accelerator.distributed_type.value == "FSDP"
+        return module_grad_norms(self.accelerator.unwrap_model(self.model), lambda p: p.grad,
+                                 reduce=torch.distributed.all_reduce if sharded else None)
 
     def _grad_norm(self) -> float:
         params = self.model.parameters()

@@ -7,7 +7,7 @@ accumulation, clipping and the optimizer step the way its library wants them don
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -27,13 +27,23 @@ class StepResult:
     loss: torch.Tensor
     """Mean loss over the step's micro-batches on this rank (detached, float32)."""
     grad_norm: float | None
-    """Global gradient norm before clipping, when the engine reports it."""
+    """Global gradient norm before clipping, when the engine reports it (inf when the
+    gradients held a NaN or an Inf)."""
+    applied: bool = True
+    """Whether the optimizer step was applied (not skipped for bad gradients)."""
+    module_grad_norms: dict[str, float] | None = None
+    """Gradient norm of each top-level module, when asked for."""
 
 
 class Engine(Protocol):
     schedule: LRSchedule
 
-    def train_step(self, micro_batches: Sequence[Batch]) -> StepResult: ...
+    def train_step(self, micro_batches: Sequence[Batch], *, skip_above: float | None = None,
+                   module_norms: bool = False) -> StepResult:
+        """One optimizer step. With ``skip_above``, a step whose global gradient norm is
+        not finite or above it is not applied (the same decision on every rank).
+        ``module_norms`` asks for each top-level module's gradient norm."""
+        ...
 
     def predict(self, inputs: torch.Tensor) -> torch.Tensor:
         """Logits for ``inputs`` (eval mode, no grad). A collective under ZeRO-3 and
@@ -60,6 +70,24 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if targets.is_floating_point():
         return F.cross_entropy(flat, targets.reshape(-1, targets.shape[-1]).float())
     return F.cross_entropy(flat, targets.reshape(-1))
+
+
+def module_grad_norms(model: torch.nn.Module, grad_of: Callable[[torch.nn.Parameter], torch.Tensor | None],
+                      reduce: Callable[[torch.Tensor], None] | None = None) -> dict[str, float]:
+    """The gradient norm of each top-level module (``grad_of`` gives a parameter's full
+    gradient, or this rank's shard with ``reduce`` summing the squares over ranks)."""
+    names, squares = [], []
+    for name, module in model.named_children():
+        grads = [g for g in (grad_of(p) for p in module.parameters()) if g is not None]
+        if grads:
+            names.append(name)
+            squares.append(sum(g.detach().float().pow(2).sum() for g in grads))
+    if not names:
+        return {}
+    stacked = torch.stack(squares)
+    if reduce is not None:
+        reduce(stacked)
+    return dict(zip(names, stacked.sqrt().tolist(), strict=True))
 
 
 def sample_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

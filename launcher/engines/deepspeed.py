@@ -13,8 +13,16 @@ from pathlib import Path
 
 import deepspeed
 import torch
+from deepspeed.utils import safe_get_full_grad
 
-from launcher.engines.base import Batch, StepResult, build_optimizer, loss_fn, make_schedule
+from launcher.engines.base import (
+    Batch,
+    StepResult,
+    build_optimizer,
+    loss_fn,
+    make_schedule,
+    module_grad_norms,
+)
 from launcher.models.build import param_groups
 from launcher.plan import LaunchPlan
 
@@ -48,17 +56,25 @@ class DeepSpeedEngine:
         # DeepSpeed casts the model to bf16/fp16 but not its inputs; token ids stay ints.
         return inputs.to(self.compute_dtype) if inputs.is_floating_point() else inputs
 
-    def train_step(self, micro_batches: Sequence[Batch]) -> StepResult:
+    def train_step(self, micro_batches: Sequence[Batch], *, skip_above: float | None = None,
+                   module_norms: bool = False) -> StepResult:
+        """DeepSpeed itself skips a step whose gradients hold a NaN or an Inf (its overflow
+        check); the planner refuses a finite ``skip_above``, which DeepSpeed cannot honour:
+        it applies the step before the norm is known here."""
         self.engine.train()
         total = torch.zeros((), device=self.device)
-        for inputs, targets in micro_batches:
+        modules = None
+        for index, (inputs, targets) in enumerate(micro_batches):
             loss = loss_fn(self.engine(self._to_device(inputs)), targets.to(self.device))
             self.engine.backward(loss)  # scales by 1/accumulation itself
+            if module_norms and index == len(micro_batches) - 1:
+                # The full gradients exist between the last backward and the step.
+                modules = module_grad_norms(self.engine.module, safe_get_full_grad)
             self.engine.step()
             total += loss.detach()
         norm = self.engine.get_global_grad_norm()
-        return StepResult(loss=total / len(micro_batches),
-                          grad_norm=None if norm is None else float(norm))
+        return StepResult(loss=total / len(micro_batches), grad_norm=None if norm is None else float(norm),
+                          applied=self.engine.was_step_applied(), module_grad_norms=modules)
 
     @torch.no_grad()
     def predict(self, inputs: torch.Tensor) -> torch.Tensor:
