@@ -104,6 +104,25 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=("val", "test"), default="val",
                           help="the split to score (default: val)")
 
+    report = commands.add_parser(
+        "report", help="plot runs (loss, eval, LR, grad norm, throughput) and tabulate them",
+        description="Plot one run, or several overlaid, and print a summary table. One run's report "
+                    "goes to RUN_DIR/report/ (every run also writes it when it ends), several runs' to --out.")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", metavar="DIR", help="where the PNGs and summary.md go (default: "
+                                                     "RUN_DIR/report for one run, ./report for several)")
+
+    export = commands.add_parser(
+        "export", help="export a finished run's final weights to ONNX (fp32, int8, pruned), each scored",
+        description="Write RUN_DIR/export/: model.onnx (float32), model.int8.onnx (int8 weights), "
+                    "model.pruned.onnx (Linear/Conv weights magnitude-pruned) and report.json: each variant "
+                    "scored on the run's validation split with onnxruntime and timed on one CPU thread.")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch's)")
+    export.add_argument("--prune", type=float, default=0.5,
+                        help="share of the Linear/Conv weights zeroed in model.pruned.onnx (default: 0.5)")
+    export.add_argument("--batch-size", type=int, default=256, help="rows per scoring batch (default: 256)")
+
     data = commands.add_parser("data", help="prepare a dataset as Parquet shards, or check them")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     prepare = data_commands.add_parser(
@@ -192,6 +211,29 @@ def _cmd_eval(args: argparse.Namespace, _: list[str]) -> int:
     scores = evaluate_run(Path(args.run_dir), args.split)
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "rows")
     print(f"{metrics} on {scores['rows']} {args.split} rows of {args.run_dir}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace, _: list[str]) -> int:
+    from launcher.report import format_table, summary_table, write_report
+
+    run_dirs = [Path(d) for d in args.run_dirs]
+    out = Path(args.out) if args.out else (run_dirs[0] / "report" if len(run_dirs) == 1 else Path("report"))
+    written = write_report(run_dirs, out)
+    print(format_table(summary_table(run_dirs)))
+    print(f"dlaunch: report in {out}: {', '.join(p.name for p in written)}", file=sys.stderr)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace, _: list[str]) -> int:
+    from launcher.export import ExportMismatchError, export_run, format_report
+
+    try:
+        report = export_run(Path(args.run_dir), opset=args.opset, prune=args.prune, batch_size=args.batch_size)
+    except ExportMismatchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(format_report(report))
     return 0
 
 
@@ -547,7 +589,8 @@ def _submit_sweep(recipe, spec, sweep_dir: Path, nodes_per_trial: int) -> int:
 
 
 _COMMANDS = {"run": _cmd_run, "submit": _cmd_run, "plan": _cmd_plan, "validate": _cmd_validate,
-             "explain": _cmd_explain, "eval": _cmd_eval, "data": _cmd_data, "status": _cmd_status, "logs": _cmd_logs, "cancel": _cmd_cancel,
+             "explain": _cmd_explain, "eval": _cmd_eval, "data": _cmd_data,
+             "report": _cmd_report, "export": _cmd_export, "status": _cmd_status, "logs": _cmd_logs, "cancel": _cmd_cancel,
              "sweep": _cmd_sweep}
 
 

@@ -10,10 +10,12 @@ is for exactly the data the run was made with.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 import torch
+from torch.utils.data import Dataset
 
 from launcher.data.datasets import load_split
 from launcher.data.loaders import eval_batches
@@ -21,6 +23,7 @@ from launcher.engines.base import sample_scores
 from launcher.errors import UsageError
 from launcher.models.build import build_model
 from launcher.plan import LaunchPlan
+from launcher.recipe import DataConfig
 from launcher.rundir import PLAN, write_atomic
 
 WEIGHTS = "model.pt"
@@ -31,7 +34,7 @@ Split = Literal["val", "test"]
 def evaluate_run(run_dir: Path, split: Split, batch_size: int = 256) -> dict[str, float | int]:
     """Loss and accuracy of ``run_dir``'s final weights on ``split``, also written to
     RUN_DIR/eval-<split>.json."""
-    plan = _finished_plan(run_dir)
+    plan = finished_plan(run_dir)
     facts = plan.training.data
     if split == "test" and facts.num_test == 0:
         raise UsageError("the run has no test split: its recipe keeps data.test_fraction at 0",
@@ -43,20 +46,27 @@ def evaluate_run(run_dir: Path, split: Split, batch_size: int = 256) -> dict[str
     model.eval()
     parts = load_split(plan.recipe.data, facts, test=split == "test")
     dataset = parts.test if split == "test" else parts.val
-    loss_sum = acc_sum = 0.0
     with torch.no_grad():
-        for inputs, targets, _ in eval_batches(dataset, plan.recipe.data, rank=0, world_size=1,
-                                               batch=batch_size):
-            losses, hits = sample_scores(model(inputs), targets)
-            loss_sum += float(losses.double().sum())
-            acc_sum += float(hits.double().sum())
-    scores = {f"{split}_loss": loss_sum / len(dataset), f"{split}_acc": acc_sum / len(dataset),
-              "rows": len(dataset)}
+        loss, accuracy = score(model, dataset, plan.recipe.data, batch_size)
+    scores = {f"{split}_loss": loss, f"{split}_acc": accuracy, "rows": len(dataset)}
     write_atomic(run_dir / f"eval-{split}.json", json.dumps(scores, indent=2) + "\n")
     return scores
 
 
-def _finished_plan(run_dir: Path) -> LaunchPlan:
+def score(predict: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, cfg: DataConfig,
+          batch_size: int) -> tuple[float, float]:
+    """(mean loss, mean accuracy) of ``predict`` (a model, an ONNX session's wrapper) over
+    every row of ``dataset``."""
+    loss_sum = acc_sum = 0.0
+    for inputs, targets, _ in eval_batches(dataset, cfg, rank=0, world_size=1, batch=batch_size):
+        losses, hits = sample_scores(predict(inputs), targets)
+        loss_sum += float(losses.double().sum())
+        acc_sum += float(hits.double().sum())
+    return loss_sum / len(dataset), acc_sum / len(dataset)
+
+
+def finished_plan(run_dir: Path) -> LaunchPlan:
+    """The plan of a run of the built-in trainer that has written its final weights."""
     try:
         plan = LaunchPlan.from_json((run_dir / PLAN).read_text())
     except FileNotFoundError:
@@ -64,7 +74,7 @@ def _finished_plan(run_dir: Path) -> LaunchPlan:
                          key="RUN_DIR") from None
     if plan.training is None:
         raise UsageError(f"{str(run_dir)!r} ran a --script; only the built-in trainer's runs "
-                         "can be evaluated", key="RUN_DIR")
+                         "have final weights dlaunch knows", key="RUN_DIR")
     if not (run_dir / WEIGHTS).is_file():
         raise UsageError(f"{str(run_dir)!r} has no final weights ({WEIGHTS}): the run has not "
                          "finished; resume it first", key="RUN_DIR")

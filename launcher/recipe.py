@@ -329,6 +329,9 @@ class LoggingConfig(Section):
     """Write TensorBoard event files to RUN_DIR/tb."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    report: bool = True
+    """Write RUN_DIR/report/ when the run ends: PNG plots of loss, evaluation, LR, gradient
+    norms and throughput, and summary.md (as `dlaunch report`)."""
     module_grad_norms: bool = True
     """Log the gradient norm of each top-level module at every logged step (and watch
     them for vanishing gradients)."""

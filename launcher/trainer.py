@@ -270,6 +270,10 @@ class Trainer:
                    "stopped_early": self.stopped_early}
         self._record("summary", summary)
         self.metrics.close()
+        if self.plan.recipe.logging.report:
+            from launcher.report import write_report
+
+            write_report([self.run_dir], self.run_dir / "report")
         scores = ", ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items())
         best = f" (best {self.cfg.monitor} {self.best:.4f} at step {self.best_step})" if self.best is not None else ""
         why = "stopped early" if self.stopped_early else "done"
