@@ -98,6 +98,20 @@ def metrics(run_dir: Path, kind: str | None = None) -> list[dict]:
     return [r for r in records if kind is None or r["kind"] == kind]
 
 
+def resume_to_identical_weights(run_dir: Path, straight_dir: Path, killed_after: int) -> None:
+    """`dlaunch run --resume` of the killed run in ``run_dir``: it continues from step
+    ``killed_after`` and ends with the weights of the uninterrupted run in ``straight_dir``."""
+    import torch
+
+    resumed = dlaunch("run", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert metrics(run_dir, "resume")[0]["step"] == killed_after
+    expected, actual = torch.load(straight_dir / "model.pt"), torch.load(run_dir / "model.pt")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), f"{name} differs after resume"
+
+
 @pytest.fixture
 def write_recipe(tmp_path):
     def write(text: str, name: str = "recipe.yaml") -> Path:

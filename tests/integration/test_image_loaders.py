@@ -6,10 +6,9 @@ cutmix training through both engines."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from launcher.data.pattern_images import write_pattern_images
-from tests.conftest import dlaunch, metrics, only_run_dir
+from tests.conftest import dlaunch, metrics, only_run_dir, resume_to_identical_weights
 
 pytestmark = pytest.mark.integration
 
@@ -75,12 +74,7 @@ def test_a_killed_image_run_resumes_mid_epoch_to_identical_weights(tmp_path, ima
     killed, run_dir = run(tmp_path, images, "resumed", loader=loader, steps=14, data=data, checkpoint_every=3,
                           env=env)
     assert killed.returncode != 0
-    resumed = dlaunch("run", "--resume", str(run_dir))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert metrics(run_dir, "resume")[0]["step"] == 9
-    expected, actual = torch.load(straight_dir / "model.pt"), torch.load(run_dir / "model.pt")
-    for name in expected:
-        assert torch.equal(expected[name], actual[name]), f"{name} differs after resume"
+    resume_to_identical_weights(run_dir, straight_dir, killed_after=9)
 
 
 @pytest.mark.parametrize("engine,stage,augment", [

@@ -11,9 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from tests.conftest import dlaunch, metrics, only_run_dir
+from tests.conftest import dlaunch, metrics, only_run_dir, resume_to_identical_weights
 
 pytestmark = pytest.mark.integration
 
@@ -74,9 +73,4 @@ def test_a_killed_streamed_run_resumes_to_identical_weights(tmp_path, data):
     assert straight.returncode == 0, straight.stderr[-3000:]
     killed, run_dir = run(tmp_path, data, "resumed", env={"DLAUNCH_FAULT_KILL_AT_STEP": "18"})
     assert killed.returncode != 0
-    resumed = dlaunch("run", "--resume", str(run_dir))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert metrics(run_dir, "resume")[0]["step"] == 18
-    expected, actual = torch.load(straight_dir / "model.pt"), torch.load(run_dir / "model.pt")
-    for name in expected:
-        assert torch.equal(expected[name], actual[name]), f"{name} differs after resume"
+    resume_to_identical_weights(run_dir, straight_dir, killed_after=18)
