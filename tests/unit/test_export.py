@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import onnx
 import pytest
 import torch
 
@@ -38,9 +39,6 @@ from launcher.models.gpt import GPT
 from launcher.models.mlp import MLP
 from launcher.plan import HostFacts, build_plan
 from launcher.recipe import Recipe
-
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
 
 
 def mlp() -> MLP:
