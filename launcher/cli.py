@@ -97,12 +97,18 @@ def _parser() -> argparse.ArgumentParser:
     _add_topology_args(validate)
 
     evaluate = commands.add_parser(
-        "eval", help="score a finished run's final weights on its validation or test split",
-        description="Score RUN_DIR's final weights (model.pt) on one of its splits, in this process. "
+        "eval", help="score a finished run's final weights, or its snapshot ensemble, on a split",
+        description="Score RUN_DIR's final weights (model.pt) on one of its splits, in this process; with "
+                    "--ensemble, also each snapshot and their ensemble. "
                     "The test split (data.test_fraction) is read by this command only.")
     evaluate.add_argument("run_dir", metavar="RUN_DIR")
     evaluate.add_argument("--split", choices=("val", "test"), default="val",
                           help="the split to score (default: val)")
+    evaluate.add_argument("--ensemble", action="store_true",
+                          help="score each snapshot of the run (schedule.snapshots), the final weights, and "
+                               "the average of the snapshots' softmax probabilities")
+    evaluate.add_argument("--last", type=int, metavar="K",
+                          help="with --ensemble: average the last K snapshots only (default: all)")
 
     report = commands.add_parser(
         "report", help="plot runs (loss, eval, LR, grad norm, throughput) and tabulate them",
@@ -208,6 +214,16 @@ def _cmd_plan(args: argparse.Namespace, _: list[str]) -> int:
 def _cmd_eval(args: argparse.Namespace, _: list[str]) -> int:
     from launcher.evaluate import evaluate_run
 
+    if args.last is not None and not args.ensemble:
+        raise UsageError("it counts the snapshots --ensemble averages; add --ensemble", key="--last")
+    if args.ensemble:
+        from launcher.ensemble import evaluate_ensemble, format_table
+
+        result = evaluate_ensemble(Path(args.run_dir), args.split, last=args.last)
+        print(format_table(result))
+        print(f"dlaunch: {result['rows']} {args.split} rows; scores in "
+              f"{Path(args.run_dir) / f'eval-{args.split}-ensemble.json'}", file=sys.stderr)
+        return 0
     scores = evaluate_run(Path(args.run_dir), args.split)
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "rows")
     print(f"{metrics} on {scores['rows']} {args.split} rows of {args.run_dir}")

@@ -35,22 +35,32 @@ def evaluate_run(run_dir: Path, split: Split, batch_size: int = 256) -> dict[str
     """Loss and accuracy of ``run_dir``'s final weights on ``split``, also written to
     RUN_DIR/eval-<split>.json."""
     plan = finished_plan(run_dir)
+    dataset = split_rows(plan, split)
+    model = load_model(plan, run_dir / WEIGHTS)
+    with torch.no_grad():
+        loss, accuracy = score(model, dataset, plan.recipe.data, batch_size)
+    scores = {f"{split}_loss": loss, f"{split}_acc": accuracy, "rows": len(dataset)}
+    write_atomic(run_dir / f"eval-{split}.json", json.dumps(scores, indent=2) + "\n")
+    return scores
+
+
+def split_rows(plan: LaunchPlan, split: Split) -> Dataset:
+    """The rows of the run's ``split``, normalised as the run's training rows were."""
     facts = plan.training.data
     if split == "test" and facts.num_test == 0:
         raise UsageError("the run has no test split: its recipe keeps data.test_fraction at 0",
                          key="--split")
     if split == "val" and facts.num_val == 0:
         raise UsageError("the run has no validation split", key="--split")
-    model = build_model(plan.recipe.model, facts)
-    model.load_state_dict(torch.load(run_dir / WEIGHTS, map_location="cpu"))
-    model.eval()
     parts = load_split(plan.recipe.data, facts, test=split == "test")
-    dataset = parts.test if split == "test" else parts.val
-    with torch.no_grad():
-        loss, accuracy = score(model, dataset, plan.recipe.data, batch_size)
-    scores = {f"{split}_loss": loss, f"{split}_acc": accuracy, "rows": len(dataset)}
-    write_atomic(run_dir / f"eval-{split}.json", json.dumps(scores, indent=2) + "\n")
-    return scores
+    return parts.test if split == "test" else parts.val
+
+
+def load_model(plan: LaunchPlan, weights: Path) -> torch.nn.Module:
+    """The run's model with the float32 state dict in ``weights``, in eval mode."""
+    model = build_model(plan.recipe.model, plan.training.data)
+    model.load_state_dict(torch.load(weights, map_location="cpu"))
+    return model.eval()
 
 
 def score(predict: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, cfg: DataConfig,

@@ -17,6 +17,7 @@ from launcher.data.facts import DataFacts
 from launcher.engine_config import accelerate_kwargs, deepspeed_config
 from launcher.errors import UsageError
 from launcher.recipe import DataConfig, Recipe
+from launcher.schedules import ScheduleShape, cycle_ends
 
 
 class _Value(BaseModel):
@@ -61,6 +62,9 @@ class StepPlan(_Value):
     eval_every: int
     checkpoint_every: int
     log_every: int
+    snapshots: tuple[int, ...] = ()
+    """Steps after which the weights are saved as a snapshot (schedule.snapshots): the
+    ends of the warm-restart cycles and the last step."""
 
 
 class EnginePlan(_Value):
@@ -208,9 +212,22 @@ def _steps(recipe: Recipe, data: DataFacts, global_batch: int, world_size: int) 
         raise UsageError("early stopping and reduce-on-plateau need a validation split; "
                          "set data.val_fraction > 0", key="data.val_fraction")
     eval_every = min(train.eval_every or per_epoch, total)
+    if schedule.snapshots and schedule.name != "cosine_restarts":
+        raise UsageError(f"snapshots are taken at the ends of warm-restart cycles; {schedule.name} has "
+                         "none: set schedule.name: cosine_restarts", key="schedule.snapshots")
+    snapshots = cycle_ends(schedule_shape(recipe, total, warmup)) if schedule.snapshots else []
     return StepPlan(total=total, per_epoch=per_epoch, warmup=warmup, eval_every=eval_every,
                     checkpoint_every=min(train.checkpoint_every or eval_every, total),
-                    log_every=recipe.logging.log_every)
+                    log_every=recipe.logging.log_every, snapshots=tuple(snapshots))
+
+
+def schedule_shape(recipe: Recipe, total_steps: int, warmup_steps: int) -> ScheduleShape:
+    """The LR schedule's shape: what the engines' LRSchedule follows and the snapshot
+    steps are derived from."""
+    schedule = recipe.schedule
+    return ScheduleShape(name=schedule.name, total_steps=total_steps, warmup_steps=warmup_steps,
+                         min_lr_ratio=schedule.min_lr_ratio, restart_period=schedule.restart_period,
+                         restart_mult=schedule.restart_mult)
 
 
 def _engine(recipe: Recipe, topo: Topology, batch: BatchPlan, lr: float) -> EnginePlan:
@@ -369,7 +386,8 @@ def format_plan(plan: LaunchPlan) -> str:
             ("learning rate", f"{lr.scaled:.6g}" + (
                 f" ({lr.rule} scaling of {lr.base:g} from batch {lr.reference_batch})"
                 if lr.rule != "none" else "")),
-            ("schedule", f"{recipe.schedule.name}, {s.warmup} warmup steps"),
+            ("schedule", f"{recipe.schedule.name}, {s.warmup} warmup steps" + (
+                f", snapshots after steps {', '.join(map(str, s.snapshots))}" if s.snapshots else "")),
             ("steps", f"{s.total} ({s.per_epoch} per epoch), eval every {s.eval_every}, "
                       f"checkpoint every {s.checkpoint_every}"),
             ("engine", f"{e.name}, ZeRO stage {e.zero_stage}, {e.precision}"

@@ -197,11 +197,17 @@ class ScheduleConfig(Section):
     warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
     """Warmup length as a share of all optimizer steps, when `warmup_steps` is unset."""
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
-    """Floor of the decay, as a share of the peak LR."""
+    """Floor of the decay, as a share of the peak LR. With `snapshots`, set 0 (as Huang
+    et al.): each snapshot is then taken where the LR has annealed to nothing."""
     restart_period: int | None = Field(default=None, gt=0)
     """Steps in the first cycle (cosine_restarts); default: a quarter of the run."""
     restart_mult: int = Field(default=1, ge=1)
     """Each cycle is this many times longer than the one before (cosine_restarts)."""
+    snapshots: bool = False
+    """Snapshot ensemble (cosine_restarts): save the float32 weights at the end of every
+    cycle (its last step, at the lowest LR) and at the run's last step to
+    RUN_DIR/snapshots/, each evaluated, indexed in snapshots/snapshots.json; `dlaunch eval
+    --ensemble RUN_DIR` scores them alone and averaged."""
     plateau_factor: float = Field(default=0.5, gt=0, lt=1)
     """Multiply the LR by this when the monitored metric stops improving (plateau)."""
     plateau_patience: int = Field(default=2, ge=0)

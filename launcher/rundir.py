@@ -15,9 +15,12 @@ RUN_DIR/
   ray/job.json      the Ray cluster, job id and state (Ray jobs); ray/driver.lock is
                     held while the process driving the job lives
   model.pt          the final weights, float32
+  snapshots/        the weights at each warm-restart cycle's end and their index
+                    (schedule.snapshots)
   alerts.jsonl      training-health alerts and what was done about them
   report/           plots and summary.md, written when the run ends
-  eval-<split>.json `dlaunch eval`'s scores; export/ `dlaunch export`'s files
+  eval-<split>.json `dlaunch eval`'s scores (eval-<split>-ensemble.json with --ensemble);
+                    export/ `dlaunch export`'s files
 """
 
 from __future__ import annotations

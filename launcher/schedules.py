@@ -31,6 +31,11 @@ def _cosine(progress: float, floor: float) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _first_period(shape: ScheduleShape) -> int:
+    """Steps in the first SGDR cycle: ``restart_period``, or a quarter of the decay."""
+    return shape.restart_period or max(1, (shape.total_steps - shape.warmup_steps) // 4)
+
+
 def _restart_progress(step: int, first_period: int, mult: int) -> float:
     """Progress within the current SGDR cycle, in [0, 1)."""
     period = first_period
@@ -54,9 +59,23 @@ def lr_factor(shape: ScheduleShape, step: int) -> float:
     if shape.name == "linear":
         return floor + (1.0 - floor) * (1.0 - progress)
     if shape.name == "cosine_restarts":
-        period = shape.restart_period or max(1, decay_steps // 4)
-        return _cosine(_restart_progress(after, period, shape.restart_mult), floor)
+        return _cosine(_restart_progress(after, _first_period(shape), shape.restart_mult), floor)
     return 1.0  # constant, and plateau (whose reductions LRSchedule applies)
+
+
+def cycle_ends(shape: ScheduleShape) -> list[int]:
+    """The step counts (optimizer steps done, 1..total_steps) after which a cosine_restarts
+    cycle ends: step ``end - 1`` (0-based, as ``lr_factor`` counts) trained at the cycle's
+    lowest LR and step ``end`` restarts at the peak. The run's last step ends the last
+    cycle, a partial one when the cycles do not fit the run exactly."""
+    if shape.name != "cosine_restarts":
+        raise ValueError(f"a {shape.name} schedule has no cycles")
+    ends, end, period = [], shape.warmup_steps, _first_period(shape)
+    while end + period < shape.total_steps:
+        end += period
+        ends.append(end)
+        period *= shape.restart_mult
+    return [*ends, shape.total_steps]
 
 
 class LRSchedule:

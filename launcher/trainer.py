@@ -38,6 +38,7 @@ from launcher.flops import Throughput, peak_flops, training_flops_per_sample
 from launcher.models.build import build_model
 from launcher.monitor import MetricsLog, Progress
 from launcher.plan import LaunchPlan
+from launcher.snapshots import SnapshotWriter
 
 log = logging.getLogger("launcher.trainer")
 
@@ -127,6 +128,7 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.metrics = MetricsLog(self.run_dir, tensorboard=plan.recipe.logging.tensorboard) \
             if self.rank == 0 else None
+        self.snapshots = SnapshotWriter(self.run_dir, self.steps.snapshots, self.rank)
         kill_at = os.environ.get(KILL_AT_STEP)
         self.kill_at = int(kill_at) if kill_at and int(os.environ.get(KILL_RANK, "0")) == self.rank else None
 
@@ -134,6 +136,7 @@ class Trainer:
 
     def fit(self) -> None:
         self._resume()
+        self.snapshots.forget_after(self.step)  # those past the checkpoint come again
         total, per_epoch, accum = self.steps.total, self.steps.per_epoch, self.batch.grad_accum
         progress = Progress(total, self.step, self.rank == 0 and self.plan.recipe.logging.progress)
         started, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
@@ -159,8 +162,11 @@ class Trainer:
                     self._record("train", {"epoch": epoch, "loss": loss, "lr": lr, "grad_norm": result.grad_norm,
                                            **modules, **self.throughput.rates(samples_per_s)})
                     window_start, window_steps = time.perf_counter(), 0
-                if self.step % self.steps.eval_every == 0 or self.step == total:
+                if (self.step % self.steps.eval_every == 0 or self.step == total
+                        or self.snapshots.at_cycle_end(self.step)):  # every snapshot with its scores
                     self._evaluate()
+                if self.snapshots.due(self.step, self.stopped_early):  # before the checkpoint of its step
+                    self.snapshots.save(self.step, self.engine, self.last_eval)
                 if (self.step % self.steps.checkpoint_every == 0 or self.step == total
                         or self.stopped_early or preempted):
                     self._checkpoint()

@@ -15,9 +15,9 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 
-from launcher.plan import LaunchPlan
+from launcher.plan import LaunchPlan, schedule_shape
 from launcher.recipe import TrainConfig
-from launcher.schedules import LRSchedule, ScheduleShape
+from launcher.schedules import LRSchedule
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -100,9 +100,7 @@ def sample_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
 
 def make_schedule(plan: LaunchPlan, optimizer: torch.optim.Optimizer) -> LRSchedule:
     schedule, steps = plan.recipe.schedule, plan.training.steps
-    shape = ScheduleShape(name=schedule.name, total_steps=steps.total, warmup_steps=steps.warmup,
-                          min_lr_ratio=schedule.min_lr_ratio, restart_period=schedule.restart_period,
-                          restart_mult=schedule.restart_mult)
+    shape = schedule_shape(plan.recipe, steps.total, steps.warmup)
     return LRSchedule(optimizer, shape, plateau_factor=schedule.plateau_factor,
                       plateau_patience=schedule.plateau_patience, mode=monitor_mode(plan.recipe.train))
 
