@@ -171,6 +171,7 @@ def _make_plan(args: argparse.Namespace, script_args: list[str], stamp: str, fol
     from launcher.plan import build_plan
     from launcher.recipe import load_recipe, locate
     from launcher.rundir import new_run_dir, run_root
+    from launcher.sinks import check_installed
 
     overrides = list(args.overrides)
     if args.address:
@@ -183,6 +184,7 @@ def _make_plan(args: argparse.Namespace, script_args: list[str], stamp: str, fol
             data = describe(recipe.data)
             if recipe.model.target is not None:
                 check_target_importable(recipe.model.target)
+            check_installed(recipe.logging)
         elif not Path(script).is_file():
             raise UsageError(f"script {script!r} does not exist", key="--script")
         root = run_root(recipe, args.cluster or recipe.cluster.backend)
@@ -548,6 +550,7 @@ def _create_sweep_dir(sweep_dir: Path, recipe, plans: list) -> None:
 def _cmd_sweep(args: argparse.Namespace, _: list[str]) -> int:
     from launcher.recipe import load_recipe, locate
     from launcher.rundir import RECIPE, new_run_dir, run_root
+    from launcher.sinks import check_installed
     from launcher.sweep import parse_sweep
 
     if args.cluster == "local":
@@ -578,6 +581,7 @@ def _cmd_sweep(args: argparse.Namespace, _: list[str]) -> int:
                                 time.strftime("%Y%m%d-%H%M%S"))
     spec = parse_sweep(recipe, source, recipe.model_dump(mode="json"))
     try:
+        check_installed(recipe.logging)
         plans = _sweep_plans(recipe, source, spec, sweep_dir, args)
         from cluster.tune import horizon, run_sweep
         from cluster.tune_space import trial_scheduler

@@ -1,15 +1,17 @@
-"""Where metrics go: metrics.jsonl (the record), TensorBoard, and rank 0's progress bar."""
+"""Where metrics go: rank 0's sinks (metrics.jsonl, the record; TensorBoard, MLflow, W&B) and
+its progress bar."""
 
 from __future__ import annotations
 
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from launcher.rundir import METRICS, TENSORBOARD
+from launcher.plan import LaunchPlan
+from launcher.rundir import METRICS
+from launcher.sinks import Status, hyperparameters, open_sinks, recipe_text
 
 
 def read_records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
@@ -23,30 +25,27 @@ def read_records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    """Rank 0's sinks. Each record is one JSON line: {"kind", "step", "time", ...values}."""
+    """Rank 0's sinks (launcher/sinks): metrics.jsonl, and TensorBoard, MLflow and W&B as
+    the recipe says. Each gets the hyperparameters when the run starts, every record, and
+    how the run ended."""
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool) -> None:
-        self._file = open(run_dir / METRICS, "a", buffering=1)
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(run_dir / TENSORBOARD))
+    def __init__(self, plan: LaunchPlan) -> None:
+        self._sinks = open_sinks(plan)
+        params, text = hyperparameters(plan), recipe_text(plan)
+        for sink in self._sinks:
+            sink.start(params, text)
 
     def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
         # JSON has no NaN or Infinity: a skipped step's loss is written as null.
         values = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
-        record = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
-        self._file.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for name, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(f"{kind}/{name}", value, step)
+        for sink in self._sinks:
+            sink.write(kind, step, values)
 
-    def close(self) -> None:
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+    def close(self, status: Status = "finished") -> None:
+        """End every sink once; a second call (training failed after the end) does nothing."""
+        sinks, self._sinks = self._sinks, []
+        for sink in sinks:
+            sink.close(status)
 
 
 class Progress:

@@ -14,6 +14,7 @@ import difflib
 import typing
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -326,13 +327,46 @@ class AlertsConfig(Section):
     nonfinite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)
 
 
+class MlflowConfig(Section):
+    """Log every run to MLflow (the `mlflow` extra): one MLflow run per run directory, the
+    recipe as parameters and as the artifact recipe.yaml, every metric, the summary."""
+
+    enabled: bool = False
+    """Log the run to MLflow."""
+    tracking_uri: str | None = Field(default=None, pattern=_ONE_LINE)
+    """Tracking server or store as MLflow spells it (`http://host:5000`,
+    `sqlite:///path/mlflow.db`, `databricks`). Unset: MLFLOW_TRACKING_URI where rank 0
+    runs, else a SQLite store `<run_root>/mlruns/mlflow.db`. Credentials go in MLflow's
+    own variables (MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN), never here."""
+    experiment: str | None = Field(default=None, min_length=1, pattern=_ONE_LINE)
+    """Experiment name, created if missing; default: the recipe's name."""
+
+
+class WandbConfig(Section):
+    """Log every run to Weights & Biases (the `wandb` extra): the recipe as the run's
+    config and file, every metric, the summary."""
+
+    enabled: bool = False
+    """Log the run to W&B, in RUN_DIR/wandb."""
+    project: str | None = Field(default=None, min_length=1, pattern=_ONE_LINE)
+    """W&B project; default: the recipe's name."""
+    mode: Literal["offline", "online"] = "offline"
+    """offline: written to RUN_DIR/wandb only (`wandb sync` uploads it later); online:
+    streamed to W&B as well (after `wandb login`, or with WANDB_API_KEY set)."""
+
+
 class LoggingConfig(Section):
     run_root: str = Field(default="runs", pattern=_ONE_LINE)
     """Directory under which run directories `<name>-<stamp>` are created."""
     log_every: int = Field(default=10, gt=0)
     """Write training metrics every N optimizer steps."""
     tensorboard: bool = True
-    """Write TensorBoard event files to RUN_DIR/tb."""
+    """Write TensorBoard event files to RUN_DIR/tb: every metric, the recipe as text and
+    as hyperparameters (the HParams dashboard)."""
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    """MLflow tracking."""
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    """Weights & Biases tracking."""
     progress: bool = True
     """Show a progress bar on rank 0."""
     report: bool = True
@@ -565,6 +599,10 @@ def _check_consistency(recipe: Recipe) -> None:
     if recipe.train.monitor not in ("val_loss", "val_acc"):
         raise UsageError(f"cannot monitor {recipe.train.monitor!r}; use val_loss or val_acc",
                          key="train.monitor")
+    tracking_uri = recipe.logging.mlflow.tracking_uri
+    if tracking_uri is not None and urlsplit(tracking_uri).password is not None:
+        raise UsageError("a password here would be written to recipe.yaml and plan.json; give it in "
+                         "MLFLOW_TRACKING_PASSWORD instead", key="logging.mlflow.tracking_uri")
 
 
 def _check_loading(data: DataConfig) -> None:

@@ -5,8 +5,11 @@ RUN_DIR/
   plan.json         the LaunchPlan every worker reads
   ds_config.json | accelerate.json   the engine config, exactly as the engine gets it
   env.json          versions, git sha, host, seeds, command line
-  metrics.jsonl     one JSON object per logged step / evaluation (rank 0)
+  metrics.jsonl     the hyperparameters, then one JSON object per logged step /
+                    evaluation (rank 0)
   tb/               TensorBoard event files
+  mlflow.json       the MLflow run this run logs to (logging.mlflow); wandb/ its
+                    W&B run (logging.wandb)
   checkpoints/      step-XXXXXXXX/ directories and the `latest` pointer
   logs/rank-N.log   each rank's log; rank-N.status its last known state;
                     rank-N.lock held while the rank's process lives; rank-N.host
@@ -47,6 +50,7 @@ RECIPE = "recipe.yaml"
 ENV = "env.json"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tb"
+MLFLOW_RUN = "mlflow.json"
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"
 RAY_JOB = "ray/job.json"

@@ -126,8 +126,7 @@ class Trainer:
         self.bad_evals = 0
         self.stopped_early = False
         self.last_eval: dict[str, float] = {}
-        self.metrics = MetricsLog(self.run_dir, tensorboard=plan.recipe.logging.tensorboard) \
-            if self.rank == 0 else None
+        self.metrics = MetricsLog(plan) if self.rank == 0 else None
         self.snapshots = SnapshotWriter(self.run_dir, self.steps.snapshots, self.rank)
         kill_at = os.environ.get(KILL_AT_STEP)
         self.kill_at = int(kill_at) if kill_at and int(os.environ.get(KILL_RANK, "0")) == self.rank else None
@@ -135,6 +134,16 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------
 
     def fit(self) -> None:
+        """Train, then tell the sinks how the run ended: a stop policy, a crash or a
+        preemption ends it as much as the last step does."""
+        try:
+            self._fit()
+        except BaseException as exc:
+            if self.metrics is not None:
+                self.metrics.close("preempted" if isinstance(exc, preemption.Preempted) else "failed")
+            raise
+
+    def _fit(self) -> None:
         self._resume()
         self.snapshots.forget_after(self.step)  # those past the checkpoint come again
         total, per_epoch, accum = self.steps.total, self.steps.per_epoch, self.batch.grad_accum

@@ -1,4 +1,5 @@
-"""The CLI stays light: --help, validate and plan never import torch."""
+"""The CLI stays light: --help, validate and plan never import torch, nor the libraries of
+the optional sinks (mlflow, wandb)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
 
-HEAVY = ("torch", "deepspeed", "accelerate", "ray", "nvidia.dali")
+HEAVY = ("torch", "deepspeed", "accelerate", "ray", "nvidia.dali", "mlflow", "wandb")
 
 
 def modules_after(argv: list[str], prelude: str = "") -> set[str]:
@@ -32,6 +33,8 @@ def modules_after(argv: list[str], prelude: str = "") -> set[str]:
     ["plan", "recipes/quickstart.yaml", "--json"],
     ["plan", "recipes/quickstart.yaml", "--cluster", "ray", "--nodes", "2"],
     ["validate", "recipes/quickstart.yaml"],
+    ["validate", "recipes/quickstart.yaml", "--set", "logging.mlflow.enabled=true",
+     "--set", "logging.wandb.enabled=true"],
 ])
 def test_command_imports_no_torch(argv):
     assert modules_after(argv) == set()
