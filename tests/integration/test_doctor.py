@@ -9,8 +9,11 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from tests.conftest import REPO, dlaunch
+
+pytestmark = pytest.mark.integration
 
 CHECKS = ["inputs normalised", "labels", "gradients", "overfit one batch", "initial loss", "loader speed"]
 
