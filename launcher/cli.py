@@ -92,6 +92,20 @@ def _parser() -> argparse.ArgumentParser:
     _add_topology_args(plan)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
 
+    doctor = commands.add_parser(
+        "doctor", help="sanity-check the recipe's model and data before a long run",
+        description="Check the recipe's own model and data in this process (fp32 on CPU), as rank 0 "
+                    "of the run would see them: inputs normalised, labels in range and balanced, a "
+                    "gradient for every parameter, one small batch overfitted, the initial loss near "
+                    "log(classes), the loader faster than the step. Exit 1 when a check fails.")
+    _add_recipe_args(doctor)
+    doctor.add_argument("--overfit-steps", type=int, default=200, metavar="N",
+                        help="most Adam steps the overfit check takes on its batch (default: 200)")
+    doctor.add_argument("--overfit-lr", type=float, metavar="LR",
+                        help="the overfit check's fixed Adam learning rate (default: 3e-3)")
+    doctor.add_argument("--json", action="store_true", help="print the results as JSON")
+    doctor.set_defaults(cluster=None, address=None, nodes=None, procs_per_node=None)
+
     validate = commands.add_parser("validate", help="check a recipe without running it")
     _add_recipe_args(validate)
     _add_topology_args(validate)
@@ -211,6 +225,26 @@ def _cmd_plan(args: argparse.Namespace, _: list[str]) -> int:
     plan, _ = _make_plan(args, [], time.strftime("%Y%m%d-%H%M%S"))
     print(plan.to_json() if args.json else format_plan(plan), end="\n" if not args.json else "")
     return 0
+
+
+def _cmd_doctor(args: argparse.Namespace, _: list[str]) -> int:
+    if args.overfit_steps < 1:
+        raise UsageError(f"{args.overfit_steps} steps; give at least 1", key="--overfit-steps")
+    if args.overfit_lr is not None and not args.overfit_lr > 0:
+        raise UsageError(f"{args.overfit_lr} is not a learning rate; give a positive one", key="--overfit-lr")
+    from launcher.doctor import format_results, results_json, run_doctor, verdict_of
+    from launcher.recipe import locate
+
+    plan, source = _make_plan(args, [], "doctor")
+    started = time.perf_counter()
+    try:
+        results = run_doctor(plan, overfit_steps=args.overfit_steps, overfit_lr=args.overfit_lr)
+    except UsageError as err:  # the data or the model, found bad once read or built
+        raise locate(err, source) from None
+    seconds = time.perf_counter() - started
+    print(results_json(results, seconds, args.recipe) if args.json else format_results(results, seconds),
+          end="" if args.json else "\n")
+    return 1 if verdict_of(results) == "FAIL" else 0
 
 
 def _cmd_eval(args: argparse.Namespace, _: list[str]) -> int:
@@ -608,8 +642,8 @@ def _submit_sweep(recipe, spec, sweep_dir: Path, nodes_per_trial: int) -> int:
     return 0
 
 
-_COMMANDS = {"run": _cmd_run, "submit": _cmd_run, "plan": _cmd_plan, "validate": _cmd_validate,
-             "explain": _cmd_explain, "eval": _cmd_eval, "data": _cmd_data,
+_COMMANDS = {"run": _cmd_run, "submit": _cmd_run, "plan": _cmd_plan, "doctor": _cmd_doctor,
+             "validate": _cmd_validate, "explain": _cmd_explain, "eval": _cmd_eval, "data": _cmd_data,
              "report": _cmd_report, "export": _cmd_export, "status": _cmd_status, "logs": _cmd_logs, "cancel": _cmd_cancel,
              "sweep": _cmd_sweep}
 
