@@ -570,7 +570,10 @@ def recipe_from_data(data: Any, source: SourceMap) -> Recipe:
         line, origin = source.locate(loc)
         raise UsageError(_describe(error), key=".".join(map(str, loc)) or source.filename,
                          line=line, origin=origin) from None
-    _check_consistency(recipe)
+    try:
+        _check_consistency(recipe)
+    except UsageError as err:
+        raise locate(err, source) from None
     return recipe
 
 

@@ -99,8 +99,9 @@ def test_malformed_override_is_explained(tmp_path):
 
 
 def test_parquet_source_needs_a_path(tmp_path):
-    message = error_of(write(tmp_path, "data:\n  source: parquet\n"))
-    assert message.startswith("error: data.path:")
+    # A rule across fields names the line of the nearest key the recipe has: data.
+    message = error_of(write(tmp_path, "name: x\ndata:\n  source: parquet\n"))
+    assert message.startswith("error: data.path (line 2):")
 
 
 def test_missing_recipe_file():
