@@ -110,6 +110,24 @@ def _parser() -> argparse.ArgumentParser:
     _add_recipe_args(validate)
     _add_topology_args(validate)
 
+    lr_find = commands.add_parser(
+        "lr-find", help="the LR range test: sweep the LR on the recipe's own model, data and engine",
+        description="Train the recipe in this one process (world size 1, the recipe's global batch by "
+                    "gradient accumulation) for --steps optimizer steps while the LR grows exponentially "
+                    "from --min-lr to --max-lr, stop once the smoothed loss diverges, and suggest an LR: "
+                    "a tenth of the LR at the smoothed loss's minimum. Writes lr_find.png and lr_find.json to "
+                    "RUN_ROOT/<name>-lr-find-<stamp>/.")
+    _add_recipe_args(lr_find)
+    lr_find.add_argument("--min-lr", type=float, default=1e-7, metavar="LR",
+                         help="the first LR of the sweep (default: 1e-7)")
+    lr_find.add_argument("--max-lr", type=float, default=10.0, metavar="LR",
+                         help="the last LR of the sweep (default: 10)")
+    lr_find.add_argument("--steps", type=int, default=100, metavar="N",
+                         help="optimizer steps of the sweep (default: 100)")
+    lr_find.add_argument("--apply", metavar="OUT.yaml",
+                         help="also write the recipe (with its --set overrides) with optim.lr set to the "
+                              "suggestion (to what optim.reference_batch scaling turns into it)")
+
     evaluate = commands.add_parser(
         "eval", help="score a finished run's final weights, or its snapshot ensemble, on a split",
         description="Score RUN_DIR's final weights (model.pt) on one of its splits, in this process; with "
@@ -217,6 +235,62 @@ def _cmd_validate(args: argparse.Namespace, _: list[str]) -> int:
     _make_plan(args, [], "validate")
     print(f"{args.recipe}: ok")
     return 0
+
+
+def _cmd_lr_find(args: argparse.Namespace, _: list[str]) -> int:
+    from launcher import lr_find
+    from launcher.host import detect_host
+    from launcher.recipe import locate
+
+    settings = lr_find.SweepSettings(args.min_lr, args.max_lr, args.steps)
+    settings.check()
+    if args.apply:
+        _check_apply_target(Path(args.apply), Path(args.recipe))
+    # The recipe planned as `dlaunch run` would launch it on this host: the range test
+    # keeps its global batch, and --apply undoes its LR scaling.
+    planned = argparse.Namespace(**vars(args), cluster="local", address=None, nodes=None, procs_per_node=None)
+    plan, source = _make_plan(planned, [], f"lr-find-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        test_plan = lr_find.one_process_plan(plan, source, settings, detect_host())
+    except UsageError as err:
+        raise locate(err, source) from None
+    try:
+        curve = lr_find.run_sweep(test_plan, settings)
+    except KeyboardInterrupt:
+        print("dlaunch: lr-find interrupted; nothing written", file=sys.stderr)
+        return 130
+    suggestion = lr_find.suggestion_of(curve, settings)
+    run_dir = Path(plan.run_dir)
+    lr_find.write_result(run_dir, plan, test_plan, settings, curve, suggestion)
+    applied = ""
+    if args.apply:
+        lr = lr_find.recipe_lr(plan, suggestion.lr)
+        _write_applied(Path(args.apply), Path(args.recipe), args.overrides, lr)
+        applied = f", recipe {args.apply} (optim.lr {lr:.3g})"
+    stopped = f" (stopped early: {curve.stopped})" if curve.stopped else ""
+    print(f"dlaunch: lr-find: suggested LR {suggestion.lr:.3g} after {len(curve.lrs)} steps{stopped}; "
+          f"plot {run_dir / lr_find.PLOT}, curve {run_dir / lr_find.CURVE}{applied}")
+    return 0
+
+
+def _check_apply_target(out: Path, recipe: Path) -> None:
+    """Before the sweep: --apply writes a new file, never the recipe it read, into a
+    folder that exists."""
+    if out.resolve() == recipe.resolve():
+        raise UsageError(f"{str(out)!r} is the recipe being measured; write the result to a new file",
+                         key="--apply")
+    if not out.parent.is_dir():
+        raise UsageError(f"folder {str(out.parent)!r} does not exist", key="--apply")
+
+
+def _write_applied(out: Path, recipe: Path, overrides: list[str], lr: float) -> None:
+    """The recipe as measured, in its own words: the file with the --set overrides and
+    optim.lr written in (see yamlio.with_values)."""
+    from launcher.rundir import write_atomic
+    from launcher.yamlio import parse_override, with_values
+
+    values = [parse_override(spec) for spec in overrides] + [(("optim", "lr"), float(f"{lr:.3g}"))]
+    write_atomic(out, with_values(recipe.read_text(), values))
 
 
 def _cmd_plan(args: argparse.Namespace, _: list[str]) -> int:
@@ -643,7 +717,8 @@ def _submit_sweep(recipe, spec, sweep_dir: Path, nodes_per_trial: int) -> int:
 
 
 _COMMANDS = {"run": _cmd_run, "submit": _cmd_run, "plan": _cmd_plan, "doctor": _cmd_doctor,
-             "validate": _cmd_validate, "explain": _cmd_explain, "eval": _cmd_eval, "data": _cmd_data,
+             "validate": _cmd_validate, "lr-find": _cmd_lr_find, "explain": _cmd_explain, "eval": _cmd_eval,
+             "data": _cmd_data,
              "report": _cmd_report, "export": _cmd_export, "status": _cmd_status, "logs": _cmd_logs, "cancel": _cmd_cancel,
              "sweep": _cmd_sweep}
 

@@ -105,6 +105,13 @@ class LRSchedule:
         self.last_step += 1
         self._apply()
 
+    def set_peak_lr(self, lr: float) -> None:
+        """Make ``lr`` every param group's peak LR, at once. The LR range test (`dlaunch
+        lr-find`) sweeps the peak step by step over a constant schedule, so the engine's
+        own step() of the schedule keeps the swept LR rather than fighting it."""
+        self.peak_lrs = [lr] * len(self.peak_lrs)
+        self._apply()
+
     def on_eval(self, value: float) -> None:
         """Reduce-on-plateau: cut the LR when ``value`` stopped improving."""
         if self.shape.name != "plateau":

@@ -76,21 +76,46 @@ def collective_device(plan: LaunchPlan) -> torch.device:
 
 
 def run_training(plan: LaunchPlan) -> None:
+    split, model = load_data_and_model(plan)
+    throughput = _throughput(plan, model)  # counted on the whole model, before ZeRO-3 shards it
+    engine, split = start_engine(plan, model, split)
+    Trainer(plan, engine, split, throughput).fit()
+
+
+def load_data_and_model(plan: LaunchPlan) -> tuple[Split | None, torch.nn.Module]:
+    """The split (None when streaming: it is read after the process group exists) and
+    the model, with the same initial weights on every rank."""
+    recipe, training = plan.recipe, plan.training
+    seed_everything(recipe.train.seed)
+    split = None if recipe.data.streaming else load_split(recipe.data, training.data, seed=recipe.train.seed)
+    return split, build_model(recipe.model, training.data)
+
+
+def start_engine(plan: LaunchPlan, model: torch.nn.Module, split: Split | None) -> tuple[Engine, Split]:
+    """The engine around ``model`` (this joins the process group), and the split."""
     # DeepSpeed's ZeRO calls a torch collective that torch has deprecated; nothing a
     # user can act on, printed by every rank at its first step.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
-    recipe, training = plan.recipe, plan.training
-    seed_everything(recipe.train.seed)  # the same initial weights on every rank
-    streaming = recipe.data.streaming
-    split = None if streaming else load_split(recipe.data, training.data, seed=recipe.train.seed)
-    model = build_model(recipe.model, training.data)
-    throughput = _throughput(plan, model)  # counted on the whole model, before ZeRO-3 shards it
+    recipe = plan.recipe
     engine = create_engine(plan, model)
-    if streaming:  # its normalisation statistics are a collective: after the process group
-        split = streamed_split(recipe.data, training.data, dist.get_rank(), dist.get_world_size(),
+    if recipe.data.streaming:  # its normalisation statistics are a collective: after the process group
+        split = streamed_split(recipe.data, plan.training.data, dist.get_rank(), dist.get_world_size(),
                                device=collective_device(plan))
     seed_everything(recipe.train.seed + dist.get_rank())  # per-rank dropout and augmentation
-    Trainer(plan, engine, split, throughput).fit()
+    return engine, split
+
+
+def mix_micro_batch(batch: Batch, plan: LaunchPlan, *, rank: int, step: int, micro: int) -> Batch:
+    """Mixup / cutmix / label smoothing of one micro-batch, as the recipe asks, drawn
+    from (seed, rank, step, micro-batch): a resumed run mixes as the uninterrupted one
+    did. The batch as it is when the recipe mixes nothing."""
+    augment = plan.recipe.data.augment
+    if not (augment.mixup_alpha or augment.cutmix_alpha or augment.label_smoothing):
+        return batch
+    seed = np.random.SeedSequence([plan.recipe.train.seed, rank, step, micro]).generate_state(1)[0]
+    return mix_batch(*batch, num_classes=plan.training.data.num_classes,
+                     mixup_alpha=augment.mixup_alpha, cutmix_alpha=augment.cutmix_alpha,
+                     label_smoothing=augment.label_smoothing, generator=torch.Generator().manual_seed(int(seed)))
 
 
 def _throughput(plan: LaunchPlan, model: torch.nn.Module) -> Throughput:
@@ -117,8 +142,6 @@ class Trainer:
         self.batches = train_batches(split.train, plan.recipe.data, rank=self.rank, world_size=self.world,
                                      micro_batch=self.batch.micro, batches_per_step=self.batch.grad_accum,
                                      steps_per_epoch=self.steps.per_epoch, on_gpu=self.on_gpu, seed=self.cfg.seed)
-        self.augment = plan.recipe.data.augment
-        self.mixing = bool(self.augment.mixup_alpha or self.augment.cutmix_alpha or self.augment.label_smoothing)
         self.val = split.val
         self.step = 0
         self.best: float | None = None
@@ -156,7 +179,9 @@ class Trainer:
             batches = iter(self.batches)
             for _ in range(step_in_epoch, per_epoch):
                 logged = (self.step + 1) % self.steps.log_every == 0 or self.step + 1 == total
-                result = self.engine.train_step([self._mix(next(batches), k) for k in range(accum)],
+                micro_batches = [mix_micro_batch(next(batches), self.plan, rank=self.rank, step=self.step, micro=k)
+                                 for k in range(accum)]
+                result = self.engine.train_step(micro_batches,
                                                 skip_above=self.alerts.skip_above,
                                                 module_norms=logged and self.plan.recipe.logging.module_grad_norms)
                 self.step += 1
@@ -191,17 +216,6 @@ class Trainer:
         self._finish(time.perf_counter() - started, self.step - first_step)
 
     # -- pieces of a step -------------------------------------------------------------
-
-    def _mix(self, batch: Batch, micro: int) -> Batch:
-        """Mixup / cutmix / label smoothing of one micro-batch, drawn from (seed, rank,
-        step, micro-batch): a resumed run mixes as the uninterrupted one did."""
-        if not self.mixing:
-            return batch
-        seed = np.random.SeedSequence([self.cfg.seed, self.rank, self.step, micro]).generate_state(1)[0]
-        return mix_batch(*batch, num_classes=self.plan.training.data.num_classes,
-                         mixup_alpha=self.augment.mixup_alpha, cutmix_alpha=self.augment.cutmix_alpha,
-                         label_smoothing=self.augment.label_smoothing,
-                         generator=torch.Generator().manual_seed(int(seed)))
 
     def _share_step(self, loss: torch.Tensor) -> tuple[float, list[int], bool]:
         """One collective a step: every rank's loss and preemption flag. The logged loss

@@ -12,6 +12,8 @@ Three things PyYAML does not do for us:
 
 from __future__ import annotations
 
+import copy
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,3 +154,83 @@ def apply_override(data: dict[str, Any], path: tuple[str, ...], value: Any) -> N
                              key=".".join(path), origin="--set")
         node = child
     node[path[-1]] = value
+
+
+def with_values(text: str, values: list[tuple[tuple[str, ...], Any]]) -> str:
+    """The YAML document ``text`` with each key path of ``values`` set to its value.
+
+    A block-style document is edited as text, so its comments and layout stay: a key's
+    one-line scalar is replaced where it stands, a missing key is added at the end of
+    its section (a missing section at the end of the document). Where an edit cannot be
+    made that way (flow style, a value over several lines, a mapping replaced by a
+    value) the document is written anew from its data, without its comments. Either way
+    the result reads back as the data with the values set.
+    """
+    data, _ = load_yaml(text)
+    expected = copy.deepcopy(data) if isinstance(data, dict) else {}
+    for path, value in values:
+        apply_override(expected, path, value)
+    edited: str | None = text
+    for path, value in values:
+        edited = _edited(edited, path, _render(value))
+        if edited is None:
+            break
+    if edited is not None and load_yaml(edited)[0] == expected:
+        return edited
+    return yaml.safe_dump(expected, sort_keys=False)
+
+
+def _render(value: Any) -> str:
+    """``value`` as YAML on one line: a word as it is, anything else as JSON (which is
+    YAML's flow style)."""
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z_][\w./-]*", value) and parse_scalar(value) == value:
+        return value
+    return json.dumps(value)
+
+
+def _edited(text: str, path: tuple[str, ...], rendered: str) -> str | None:
+    """``text`` with ``path`` set to the YAML text ``rendered``; None where the document's
+    shape there is not one a line edit handles."""
+    root = yaml.compose(text, Loader=_Loader)
+    lines = text.splitlines(keepends=True)
+    if root is None:
+        return text + _block(path, rendered, 0)
+    node, depth = root, 0
+    while depth < len(path):
+        if not isinstance(node, yaml.MappingNode) or node.flow_style:
+            return None
+        child = next((value for key, value in node.value if key.value == path[depth]), None)
+        if child is None:
+            break
+        node, depth = child, depth + 1
+    if depth == len(path):  # the key is there: replace its value on its line
+        start, end = node.start_mark, node.end_mark
+        if not isinstance(node, yaml.ScalarNode) or node.style not in (None, "'", '"') or start.line != end.line:
+            return None
+        line = lines[start.line]
+        lines[start.line] = line[:start.column] + rendered + line[end.column:]
+        return "".join(lines)
+    if not isinstance(node, yaml.MappingNode) or node.flow_style or not node.value:
+        return None
+    last = _last_line(node)
+    if not lines[last].endswith("\n"):
+        lines[last] += "\n"
+    block = _block(path[depth:], rendered, node.value[0][0].start_mark.column)
+    lines.insert(last + 1, block if depth else "\n" + block)  # a new section: after a blank line
+    return "".join(lines)
+
+
+def _last_line(node: yaml.Node) -> int:
+    """The last line of a block node's text (0-based)."""
+    while isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and not node.flow_style and node.value:
+        last = node.value[-1]
+        node = last[1] if isinstance(node, yaml.MappingNode) else last
+    end = node.end_mark
+    # A block scalar (| or >) ends at the start of the line after its text.
+    return end.line - 1 if end.column == 0 and end.line > node.start_mark.line else end.line
+
+
+def _block(keys: tuple[str, ...], rendered: str, indent: int) -> str:
+    """``a.b.c = v`` as block-style lines at ``indent``: ``a:\\n  b:\\n    c: v\\n``."""
+    lines = [f"{' ' * (indent + 2 * depth)}{key}:" for depth, key in enumerate(keys)]
+    return "\n".join(lines) + f" {rendered}\n"

@@ -79,3 +79,13 @@ def test_state_round_trip_restores_lr_and_plateau():
     restored.load_state_dict(schedule.state_dict())
     assert restored.get_last_lr() == schedule.get_last_lr()
     assert restored.state_dict() == schedule.state_dict()
+
+
+def test_a_new_peak_lr_applies_at_once_and_a_constant_schedule_keeps_it():
+    opt = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))]},
+                           {"params": [torch.nn.Parameter(torch.zeros(1))], "weight_decay": 0.0}], lr=0.1)
+    schedule = LRSchedule(opt, shape("constant", warmup=0, total=5))
+    schedule.set_peak_lr(0.003)
+    assert [g["lr"] for g in opt.param_groups] == [0.003, 0.003]
+    schedule.step()  # what the engine does after the optimizer step
+    assert schedule.get_last_lr() == [0.003, 0.003]
