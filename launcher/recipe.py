@@ -331,10 +331,19 @@ class LoggingConfig(Section):
     """Show a progress bar on rank 0."""
     report: bool = True
     """Write RUN_DIR/report/ when the run ends: PNG plots of loss, evaluation, LR, gradient
-    norms and throughput, and summary.md (as `dlaunch report`)."""
+    and weight norms and throughput, and summary.md (as `dlaunch report`)."""
     module_grad_norms: bool = True
     """Log the gradient norm of each top-level module at every logged step (and watch
     them for vanishing gradients)."""
+    weight_norms: bool = True
+    """Log the norm of the model's weights (`weight_norm`) and of each top-level module's
+    (`weight_norm/<module>`) at every logged step. Under ZeRO-3 and FSDP each rank sums
+    the squares of its own shards and the sums are all-reduced: no parameter is gathered."""
+    activation_stats: bool = False
+    """At every logged step, record the mean, standard deviation and share of exact zeros
+    (dead ReLUs) of each top-level module's output over the step's first micro-batch,
+    averaged over ranks: `act_mean/<module>`, `act_std/<module>`, `act_zero/<module>`.
+    The forward hooks exist only during logged steps."""
     peak_tflops: float | None = Field(default=None, gt=0)
     """Peak dense TFLOP/s of one device in the run's precision, for model FLOPs
     utilisation (MFU); unset, known GPUs' bf16/fp16 peaks are used and CPUs report none."""
