@@ -212,7 +212,7 @@ class PrecisionConfig(Section):
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     """Training precision. fp16 uses a loss scaler; bf16 needs none."""
     loss_scale: float = Field(default=0.0, ge=0)
-    """fp16 only: 0 for dynamic loss scaling, otherwise a static scale."""
+    """fp16 only: 0 for dynamic loss scaling, otherwise a static scale (DeepSpeed only)."""
     initial_scale_power: int = Field(default=16, ge=0, le=32)
     """fp16 dynamic scaling starts at 2**initial_scale_power."""
     loss_scale_window: int = Field(default=1000, gt=0)

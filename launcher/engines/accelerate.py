@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
+from accelerate.utils import DistributedDataParallelKwargs, FullyShardedDataParallelPlugin, GradScalerKwargs
 
 from launcher.engines.base import (
     Batch,
@@ -45,7 +45,8 @@ def _accelerator(kwargs: dict, plan: LaunchPlan) -> Accelerator:
         # Built-in models use every parameter; a user model may not, and DDP hangs
         # rather than erroring when a parameter gets no gradient.
         kwargs_handlers=[DistributedDataParallelKwargs(
-            find_unused_parameters=plan.recipe.model.target is not None)],
+            find_unused_parameters=plan.recipe.model.target is not None),
+            *([GradScalerKwargs(**kwargs["grad_scaler"])] if "grad_scaler" in kwargs else [])],
     )
 
 
