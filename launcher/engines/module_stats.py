@@ -61,9 +61,8 @@ def partition_weights(partition: torch.Tensor, numel: int, rank: int) -> torch.T
 
 
 class ActivationRecorder:
-    """Sums of the statistics (``ACTIVATION_STATS``) of each top-level module's output
-    on its first call, in a fixed order of modules: one row per module, and a last
-    column counting the calls seen (0 for a module that did not run)."""
+    """The statistics (``ACTIVATION_STATS``) of each top-level module's output on its
+    first call, kept on the device until ``averaged`` sums them over ranks."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.names = [name for name, _ in model.named_children()]
@@ -80,7 +79,9 @@ class ActivationRecorder:
 
     def averaged(self, device: torch.device, reduce: Reduce | None = None) -> dict[str, tuple[float, ...]]:
         """{module: (mean, std, zero)}, each the mean over the ranks where the module
-        ran; with ``reduce``, a collective every rank must call."""
+        ran; with ``reduce``, a collective every rank must call. The table summed has a
+        row per top-level module, in the same order on every rank, and a last column
+        counting the ranks that saw it run."""
         if not self.names:
             return {}
         unseen = torch.zeros(len(ACTIVATION_STATS) + 1, device=device)
