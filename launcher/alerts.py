@@ -67,7 +67,9 @@ class Alerts:
     def check(self, step: int, loss: float, bad_ranks: list[int], result: StepResult) -> list[Alert]:
         """The alerts of a finished step; raises when one's policy is stop."""
         alerts = []
-        norm = result.grad_norm
+        # An fp16 overflow's Inf norm is the loss scaler's business: it skipped the step
+        # and lowered its scale.
+        norm = None if result.overflow else result.grad_norm
         if bad_ranks or (norm is not None and not math.isfinite(norm)):
             alerts.append(self._nonfinite(step, loss, bad_ranks, result))
         elif norm is not None and norm > self.cfg.exploding_grad.threshold:

@@ -74,6 +74,10 @@ def accelerate_kwargs(recipe: Recipe, *, grad_accum: int, zero_stage: int, devic
         "gradient_accumulation_steps": grad_accum,
         "strategy": recipe.engine.strategy,
     }
+    if recipe.precision.dtype == "fp16":
+        # torch's GradScaler, with the dynamic scaling the recipe asks DeepSpeed for.
+        kwargs["grad_scaler"] = {"init_scale": 2.0 ** recipe.precision.initial_scale_power,
+                                 "growth_interval": recipe.precision.loss_scale_window}
     if recipe.engine.strategy == "fsdp":
         # use_orig_params: the optimizer (and its no-decay groups) is built on the model's own
         # parameters before prepare(); FSDP1 would otherwise swap them for one flat

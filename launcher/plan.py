@@ -275,6 +275,9 @@ def _engine(recipe: Recipe, topo: Topology, batch: BatchPlan, lr: float) -> Engi
     if precision == "fp16" and topo.device == "cpu":
         raise UsageError("fp16 mixed precision needs GPUs; use bf16 or fp32 on CPU",
                          key="precision.dtype")
+    if precision == "fp16" and recipe.precision.loss_scale:
+        raise UsageError("a static loss scale is a DeepSpeed setting; Accelerate's GradScaler is "
+                         "dynamic: leave loss_scale 0 and set initial_scale_power", key="precision.loss_scale")
     kwargs = accelerate_kwargs(recipe, grad_accum=batch.grad_accum, zero_stage=stage, device=topo.device)
     return EnginePlan(name="accelerate", zero_stage=stage, precision=precision,
                       deepspeed=None, accelerate=kwargs)

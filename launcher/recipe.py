@@ -219,7 +219,7 @@ class PrecisionConfig(Section):
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     """Training precision. fp16 uses a loss scaler; bf16 needs none."""
     loss_scale: float = Field(default=0.0, ge=0)
-    """fp16 only: 0 for dynamic loss scaling, otherwise a static scale."""
+    """fp16 only: 0 for dynamic loss scaling, otherwise a static scale (DeepSpeed only)."""
     initial_scale_power: int = Field(default=16, ge=0, le=32)
     """fp16 dynamic scaling starts at 2**initial_scale_power."""
     loss_scale_window: int = Field(default=1000, gt=0)
@@ -371,10 +371,19 @@ class LoggingConfig(Section):
     """Show a progress bar on rank 0."""
     report: bool = True
     """Write RUN_DIR/report/ when the run ends: PNG plots of loss, evaluation, LR, gradient
-    norms and throughput, and summary.md (as `dlaunch report`)."""
+    and weight norms and throughput, and summary.md (as `dlaunch report`)."""
     module_grad_norms: bool = True
     """Log the gradient norm of each top-level module at every logged step (and watch
     them for vanishing gradients)."""
+    weight_norms: bool = True
+    """Log the norm of the model's weights (`weight_norm`) and of each top-level module's
+    (`weight_norm/<module>`) at every logged step. Under ZeRO-3 and FSDP each rank sums
+    the squares of its own shards and the sums are all-reduced: no parameter is gathered."""
+    activation_stats: bool = False
+    """At every logged step, record the mean, standard deviation and share of exact zeros
+    (dead ReLUs) of each top-level module's output over the step's first micro-batch,
+    averaged over ranks: `act_mean/<module>`, `act_std/<module>`, `act_zero/<module>`.
+    The forward hooks exist only during logged steps."""
     peak_tflops: float | None = Field(default=None, gt=0)
     """Peak dense TFLOP/s of one device in the run's precision, for model FLOPs
     utilisation (MFU); unset, known GPUs' bf16/fp16 peaks are used and CPUs report none."""

@@ -390,7 +390,8 @@ def _lr(runs: list[Run], labels: list[str]) -> Figure | None:
 
 
 def _grad_norm(runs: list[Run], labels: list[str]) -> Figure | None:
-    return _draw(runs, labels, "gradient norm", [Panel("train", "grad_norm", "grad norm", log=True)])
+    return _draw(runs, labels, "gradient and weight norms", [Panel("train", "grad_norm", "grad norm", log=True),
+                                                               Panel("train", "weight_norm", "weight norm")])
 
 
 def _throughput(runs: list[Run], labels: list[str]) -> Figure | None:

@@ -33,7 +33,8 @@ from launcher.data.augment import mix_batch
 from launcher.data.datasets import Split, load_split
 from launcher.data.loaders import Batch, eval_batches, train_batches
 from launcher.data.stream_rows import streamed_split
-from launcher.engines.base import Engine, monitor_mode, sample_scores
+from launcher.engines.base import Engine, StepResult, monitor_mode, sample_scores
+from launcher.engines.module_stats import ActivationRecorder, recording_activations
 from launcher.flops import Throughput, peak_flops, training_flops_per_sample
 from launcher.models.build import build_model
 from launcher.monitor import MetricsLog, Progress
@@ -148,6 +149,7 @@ class Trainer:
         self.best_step: int | None = None
         self.bad_evals = 0
         self.stopped_early = False
+        self.overflows = 0  # fp16 steps the loss scaler skipped, over the whole run
         self.last_eval: dict[str, float] = {}
         self.metrics = MetricsLog(plan) if self.rank == 0 else None
         self.snapshots = SnapshotWriter(self.run_dir, self.steps.snapshots, self.rank)
@@ -173,6 +175,7 @@ class Trainer:
         progress = Progress(total, self.step, self.rank == 0 and self.plan.recipe.logging.progress)
         started, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
         first_step = self.step
+        logging_cfg = self.plan.recipe.logging
         while self.step < total and not self.stopped_early:
             epoch, step_in_epoch = divmod(self.step, per_epoch)
             self.batches.set_epoch(epoch, start_batch=step_in_epoch * accum)
@@ -181,10 +184,11 @@ class Trainer:
                 logged = (self.step + 1) % self.steps.log_every == 0 or self.step + 1 == total
                 micro_batches = [mix_micro_batch(next(batches), self.plan, rank=self.rank, step=self.step, micro=k)
                                  for k in range(accum)]
-                result = self.engine.train_step(micro_batches,
-                                                skip_above=self.alerts.skip_above,
-                                                module_norms=logged and self.plan.recipe.logging.module_grad_norms)
+                with recording_activations(self.engine.module, logged and logging_cfg.activation_stats) as acts:
+                    result = self.engine.train_step(micro_batches, skip_above=self.alerts.skip_above,
+                                                    module_norms=logged and logging_cfg.module_grad_norms)
                 self.step += 1
+                self.overflows += result.overflow
                 loss, bad_ranks, preempted = self._share_step(result.loss)
                 self.alerts.check(self.step, loss, bad_ranks, result)  # raises on a stop policy
                 window_steps += 1
@@ -194,7 +198,8 @@ class Trainer:
                 if logged:
                     modules = {f"grad_norm/{name}": norm for name, norm in (result.module_grad_norms or {}).items()}
                     self._record("train", {"epoch": epoch, "loss": loss, "lr": lr, "grad_norm": result.grad_norm,
-                                           **modules, **self.throughput.rates(samples_per_s)})
+                                           **modules, **self._model_stats(result, acts),
+                                           **self.throughput.rates(samples_per_s)})
                     window_start, window_steps = time.perf_counter(), 0
                 if (self.step % self.steps.eval_every == 0 or self.step == total
                         or self.snapshots.at_cycle_end(self.step)):  # every snapshot with its scores
@@ -228,6 +233,23 @@ class Trainer:
         preempted = any(float(v[1]) > 0 for v in shared)
         bad = [rank for rank, value in enumerate(values) if not math.isfinite(value)]
         return (values[bad[0]] if bad else sum(values) / self.world), bad, preempted
+
+    def _model_stats(self, result: StepResult, activations: ActivationRecorder | None) -> dict[str, float]:
+        """A logged step's weight norms, activation statistics (averaged over ranks) and
+        fp16 loss scale, as they are enabled. The norms and averages are collectives:
+        every rank computes them, rank 0 records them."""
+        stats: dict[str, float] = {}
+        if self.plan.recipe.logging.weight_norms:
+            total, modules = self.engine.weight_norms()
+            stats["weight_norm"] = total
+            stats |= {f"weight_norm/{name}": norm for name, norm in modules.items()}
+        if activations is not None:
+            for name, (mean, std, zero) in activations.averaged(collective_device(self.plan),
+                                                                reduce=dist.all_reduce).items():
+                stats |= {f"act_mean/{name}": mean, f"act_std/{name}": std, f"act_zero/{name}": zero}
+        if result.loss_scale is not None:
+            stats |= {"loss_scale": result.loss_scale, "overflows": self.overflows}
+        return stats
 
     @torch.no_grad()
     def _evaluate(self) -> None:
@@ -268,7 +290,7 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         state = {"step": self.step, "best": self.best, "best_step": self.best_step,
-                 "bad_evals": self.bad_evals, "stopped_early": self.stopped_early,
+                 "bad_evals": self.bad_evals, "stopped_early": self.stopped_early, "overflows": self.overflows,
                  "schedule": self.engine.schedule.state_dict()}
         path = checkpoint.save(self.run_dir, self.step, self.engine, state, self.cfg.keep_last)
         log.info("checkpoint %s", path.name)
@@ -281,6 +303,7 @@ class Trainer:
         self.engine.schedule.load_state_dict(state["schedule"])
         self.step, self.best, self.best_step = state["step"], state["best"], state["best_step"]
         self.bad_evals, self.stopped_early = state["bad_evals"], state["stopped_early"]
+        self.overflows = state.get("overflows", 0)  # absent from checkpoints of older versions
         self._record("resume", {"checkpoint": latest.name})
         log.info("resumed from %s at step %d", latest.name, self.step)
 

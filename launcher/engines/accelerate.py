@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
+from accelerate.utils import DistributedDataParallelKwargs, FullyShardedDataParallelPlugin, GradScalerKwargs
 
 from launcher.engines.base import (
     Batch,
@@ -24,6 +24,7 @@ from launcher.engines.base import (
     make_schedule,
     module_grad_norms,
 )
+from launcher.engines.module_stats import weight_norms
 from launcher.models.build import param_groups
 from launcher.plan import LaunchPlan
 
@@ -44,7 +45,8 @@ def _accelerator(kwargs: dict, plan: LaunchPlan) -> Accelerator:
         # Built-in models use every parameter; a user model may not, and DDP hangs
         # rather than erroring when a parameter gets no gradient.
         kwargs_handlers=[DistributedDataParallelKwargs(
-            find_unused_parameters=plan.recipe.model.target is not None)],
+            find_unused_parameters=plan.recipe.model.target is not None),
+            *([GradScalerKwargs(**kwargs["grad_scaler"])] if "grad_scaler" in kwargs else [])],
     )
 
 
@@ -57,6 +59,10 @@ class AccelerateEngine:
         groups = param_groups(model, plan.recipe.optim.weight_decay)
         optimizer = build_optimizer(plan, groups, plan.topology.device)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.module = self.accelerator.unwrap_model(self.model)
+        # Under FSDP each rank holds a shard of each weight and gradient: norms sum the
+        # squares of the shards over ranks.
+        self.sharded = self.accelerator.distributed_type.value == "FSDP"
         self.schedule = make_schedule(plan, self.optimizer.optimizer)
         log.info("accelerate: %s, mixed precision %s, %d accumulation steps",
                  self.accelerator.distributed_type.value, self.accelerator.mixed_precision,
@@ -67,6 +73,7 @@ class AccelerateEngine:
         self.model.train()
         total = torch.zeros((), device=self.device)
         norm, applied, modules = None, True, None
+        scaler = self.accelerator.scaler  # fp16 only
         for inputs, targets in micro_batches:
             with self.accelerator.accumulate(self.model):
                 loss = loss_fn(self.model(inputs.to(self.device)), targets.to(self.device))
@@ -76,21 +83,32 @@ class AccelerateEngine:
                         modules = self._module_norms()
                     norm = self._grad_norm()
                     # Every rank holds the same reduced gradients (DDP) or the same
-                    # global norm (FSDP): they all decide alike.
-                    applied = skip_above is None or (math.isfinite(norm) and norm <= skip_above)
+                    # global norm (FSDP): they all decide alike. In fp16 a non-finite
+                    # norm is an overflow of the scaled gradients, the scaler's to
+                    # handle: its step() skips the update and lowers the scale.
+                    overflowed = scaler is not None and not math.isfinite(norm)
+                    applied = skip_above is None or overflowed or (math.isfinite(norm) and norm <= skip_above)
                 if applied:
                     self.optimizer.step()  # a no-op until the last micro-batch
                 self.optimizer.zero_grad(set_to_none=True)
             total += loss.detach()
         self.schedule.step()
-        return StepResult(loss=total / len(micro_batches), grad_norm=norm, applied=applied,
-                          module_grad_norms=modules)
+        # step_was_skipped is the scaler's verdict on the last optimizer.step(); a step
+        # not applied above never reached it.
+        overflow = scaler is not None and applied and self.optimizer.step_was_skipped
+        return StepResult(loss=total / len(micro_batches), grad_norm=norm, applied=applied and not overflow,
+                          module_grad_norms=modules, overflow=overflow,
+                          loss_scale=None if scaler is None else float(scaler.get_scale()))
 
     def _module_norms(self) -> dict[str, float]:
-        # Under FSDP each rank holds a shard of each gradient: sum the squares over ranks.
-        sharded = self.accelerator.distributed_type.value == "FSDP"
-        return module_grad_norms(self.accelerator.unwrap_model(self.model), lambda p: p.grad,
-                                 reduce=torch.distributed.all_reduce if sharded else None)
+        return module_grad_norms(self.module, lambda p: p.grad,
+                                 reduce=torch.distributed.all_reduce if self.sharded else None)
+
+    def weight_norms(self) -> tuple[float, dict[str, float]]:
+        # FSDP's use_orig_params keeps each original parameter as a view of this rank's
+        # part of the flat shard (empty where the rank holds none of it), padding excluded.
+        return weight_norms(self.module, lambda param: param, self.device,
+                            reduce=torch.distributed.all_reduce if self.sharded else None)
 
     def _grad_norm(self) -> float:
         params = self.model.parameters()

@@ -33,16 +33,31 @@ class StepResult:
     """Whether the optimizer step was applied (not skipped for bad gradients)."""
     module_grad_norms: dict[str, float] | None = None
     """Gradient norm of each top-level module, when asked for."""
+    loss_scale: float | None = None
+    """fp16: the loss scale after this step (lowered by an overflow); None otherwise."""
+    overflow: bool = False
+    """fp16: the scaled gradients overflowed (Inf/NaN), so the loss scaler skipped the
+    step and lowered its scale: routine, not a fault."""
 
 
 class Engine(Protocol):
     schedule: LRSchedule
+    module: torch.nn.Module
+    """The model as built, unwrapped from the engine: its top-level children are the
+    modules whose statistics are logged (under ZeRO-3 and FSDP its parameters hold
+    this rank's shards)."""
 
     def train_step(self, micro_batches: Sequence[Batch], *, skip_above: float | None = None,
                    module_norms: bool = False) -> StepResult:
         """One optimizer step. With ``skip_above``, a step whose global gradient norm is
         not finite or above it is not applied (the same decision on every rank).
         ``module_norms`` asks for each top-level module's gradient norm."""
+        ...
+
+    def weight_norms(self) -> tuple[float, dict[str, float]]:
+        """(norm of all the model's weights, norm of each top-level module's), as the
+        model holds them: the same numbers as the full weights' in model.pt. A
+        collective under ZeRO-3 and FSDP: every rank must call it."""
         ...
 
     def predict(self, inputs: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 
 from launcher.engines.base import (
@@ -23,6 +24,7 @@ from launcher.engines.base import (
     make_schedule,
     module_grad_norms,
 )
+from launcher.engines.module_stats import partition_weights, weight_norms
 from launcher.models.build import param_groups
 from launcher.plan import LaunchPlan
 
@@ -45,6 +47,8 @@ class DeepSpeedEngine:
             model=model, model_parameters=groups, optimizer=client_optimizer, config=config,
             lr_scheduler=lambda optimizer: make_schedule(plan, optimizer))
         self.device = self.engine.device
+        self.module = self.engine.module
+        self.fp16 = training.engine.precision == "fp16"
         self.compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             training.engine.precision, torch.float32)
         log.info("deepspeed: ZeRO stage %d, %s, optimizer %s in %s", self.engine.zero_optimization_stage(),
@@ -73,8 +77,23 @@ class DeepSpeedEngine:
             self.engine.step()
             total += loss.detach()
         norm = self.engine.get_global_grad_norm()
+        applied = self.engine.was_step_applied()
         return StepResult(loss=total / len(micro_batches), grad_norm=None if norm is None else float(norm),
-                          applied=self.engine.was_step_applied(), module_grad_norms=modules)
+                          applied=applied, module_grad_norms=modules, loss_scale=self._loss_scale(),
+                          # In fp16 a step is skipped for one reason: its loss scaler's overflow check.
+                          overflow=self.fp16 and not applied)
+
+    def _loss_scale(self) -> float | None:
+        # Every fp16 optimizer DeepSpeed wraps (FP16_Optimizer, FP16_UnfusedOptimizer,
+        # ZeRO 1-2 and ZeRO-3) exposes its scaler's current scale as `loss_scale`; the
+        # engine's own loss_scale() is the static scale of the config.
+        scale = self.engine.optimizer.loss_scale if self.fp16 else None
+        return None if scale is None else float(scale)
+
+    def weight_norms(self) -> tuple[float, dict[str, float]]:
+        if self.engine.zero_optimization_stage() == 3:
+            return weight_norms(self.module, _zero3_local_weights, self.device, reduce=dist.all_reduce)
+        return weight_norms(self.module, lambda param: param, self.device)
 
     @torch.no_grad()
     def predict(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -98,3 +117,11 @@ class DeepSpeedEngine:
         # for the duration of the block (a no-op for stages 0-2).
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _zero3_local_weights(param: torch.nn.Parameter) -> torch.Tensor:
+    """This rank's share of a ZeRO-3 parameter: its partition (``ds_tensor``, in the
+    model's dtype, kept current by the optimizer; on the CPU when parameters are
+    offloaded), which is what GatheredParameters assembles for model.pt."""
+    return partition_weights(param.ds_tensor, param.ds_numel,
+                             dist.get_rank(group=getattr(param, "ds_process_group", None)))

@@ -53,6 +53,14 @@ def test_nonfinite_steps_stop_by_default_and_are_skipped_only_when_the_engine_sk
         skipping.check(9, math.nan, [0], step(math.nan, applied=True))
 
 
+def test_an_fp16_overflow_is_the_loss_scalers_business_but_a_nan_loss_still_stops(tmp_path):
+    overflow = StepResult(loss=torch.tensor(1.0), grad_norm=math.inf, applied=False, overflow=True)
+    assert alerts(tmp_path).check(3, 0.5, [], overflow) == []
+    assert not (tmp_path / ALERTS).exists()
+    with pytest.raises(NonFiniteLoss, match="step 4: loss is nan"):
+        alerts(tmp_path).check(4, math.nan, [0], overflow)
+
+
 def test_a_loss_spike_is_measured_against_the_median_of_the_window(tmp_path):
     checks = alerts(tmp_path, loss_spike={"factor": 3.0, "window": 4})
     for i, loss in enumerate([1.0, 1.2, 0.9, 5.0]):  # no alert before the window is full

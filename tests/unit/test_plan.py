@@ -191,6 +191,15 @@ def test_accelerate_kwargs():
     assert p.training.engine.zero_stage == 0
 
 
+def test_fp16_with_accelerate_on_gpus_starts_torchs_grad_scaler_where_the_recipe_says():
+    fp16 = {"dtype": "fp16", "initial_scale_power": 32, "loss_scale_window": 50}
+    p = plan(recipe(engine={"name": "accelerate"}, precision=fp16), host=GPU, procs=1)
+    assert p.training.engine.accelerate["grad_scaler"] == {"init_scale": 2.0 ** 32, "growth_interval": 50}
+    err = refusal(recipe(engine={"name": "accelerate"}, precision={"dtype": "fp16", "loss_scale": 128.0}),
+                  host=GPU, procs=1)
+    assert err.key == "precision.loss_scale" and "initial_scale_power" in err.message
+
+
 def test_plan_survives_json_round_trip():
     p = plan(recipe(train={"micro_batch_size": 16}), nodes=2, procs=1)
     again = LaunchPlan.from_json(p.to_json())
