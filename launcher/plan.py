@@ -240,6 +240,12 @@ def _engine(recipe: Recipe, topo: Topology, batch: BatchPlan, lr: float) -> Engi
             raise UsageError("DeepSpeed does not train fp16 on CPU; use bf16 or fp32 here, "
                              "fp16 on GPUs", key="precision.dtype")
         stage = 2 if engine.zero_stage is None else engine.zero_stage
+        if precision == "fp16" and stage == 0:
+            # DeepSpeed 0.19's engine scales the loss for ZeRO optimizers only, yet its
+            # non-ZeRO fp16 optimizer still divides the gradients by the loss scale:
+            # updates shrink by 2**16 and nothing trains (seen on an H100).
+            raise UsageError("DeepSpeed trains fp16 with ZeRO only: without it the loss scale divides "
+                             "gradients it never multiplied; use zero_stage 1-3, or bf16", key="engine.zero_stage")
         if engine.offload_optimizer and stage == 0:
             raise UsageError("optimizer offload needs ZeRO stage 1, 2 or 3", key="engine.offload_optimizer")
         if engine.offload_optimizer and recipe.optim.name == "sgd":

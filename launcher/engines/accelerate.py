@@ -72,7 +72,7 @@ class AccelerateEngine:
                    module_norms: bool = False) -> StepResult:
         self.model.train()
         total = torch.zeros((), device=self.device)
-        norm, applied, modules = None, True, None
+        norm, applied, overflow, modules = None, True, False, None
         scaler = self.accelerator.scaler  # fp16 only
         for inputs, targets in micro_batches:
             with self.accelerator.accumulate(self.model):
@@ -86,23 +86,27 @@ class AccelerateEngine:
                     # global norm (FSDP): they all decide alike. In fp16 a non-finite
                     # norm is an overflow of the scaled gradients, the scaler's to
                     # handle: its step() skips the update and lowers the scale.
-                    overflowed = scaler is not None and not math.isfinite(norm)
-                    applied = skip_above is None or overflowed or (math.isfinite(norm) and norm <= skip_above)
+                    overflow = scaler is not None and not math.isfinite(norm)
+                    applied = skip_above is None or overflow or (math.isfinite(norm) and norm <= skip_above)
                 if applied:
                     self.optimizer.step()  # a no-op until the last micro-batch
                 self.optimizer.zero_grad(set_to_none=True)
             total += loss.detach()
         self.schedule.step()
-        # step_was_skipped is the scaler's verdict on the last optimizer.step(); a step
-        # not applied above never reached it.
-        overflow = scaler is not None and applied and self.optimizer.step_was_skipped
+        # The scaler skips a step whose unscaled gradients hold an Inf or a NaN: exactly
+        # a non-finite norm (clipping unscales them first). Accelerate's step_was_skipped
+        # cannot tell: a fused optimizer is called and skips by itself (seen on an H100).
         return StepResult(loss=total / len(micro_batches), grad_norm=norm, applied=applied and not overflow,
                           module_grad_norms=modules, overflow=overflow,
                           loss_scale=None if scaler is None else float(scaler.get_scale()))
 
     def _module_norms(self) -> dict[str, float]:
-        return module_grad_norms(self.module, lambda p: p.grad,
-                                 reduce=torch.distributed.all_reduce if self.sharded else None)
+        """Before clipping, which unscales fp16 gradients (once a step, as GradScaler
+        allows): divided by the loss scale here."""
+        norms = module_grad_norms(self.module, lambda p: p.grad,
+                                  reduce=torch.distributed.all_reduce if self.sharded else None)
+        scale = 1.0 if self.accelerator.scaler is None else float(self.accelerator.scaler.get_scale())
+        return {name: norm / scale for name, norm in norms.items()}
 
     def weight_norms(self) -> tuple[float, dict[str, float]]:
         # FSDP's use_orig_params keeps each original parameter as a view of this rank's
