@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +34,10 @@ from launcher.data.augment import mix_batch
 from launcher.data.datasets import Split, load_split
 from launcher.data.loaders import Batch, eval_batches, train_batches
 from launcher.data.stream_rows import streamed_split
-from launcher.engines.base import Engine, monitor_mode, sample_scores
+from launcher.engines.base import Engine, StepResult, monitor_mode, sample_scores
 from launcher.flops import Throughput, peak_flops, training_flops_per_sample
 from launcher.models.build import build_model
+from launcher.models.transfer import Transfer, load_initial_weights
 from launcher.monitor import MetricsLog, Progress
 from launcher.plan import LaunchPlan
 
@@ -54,18 +56,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def create_engine(plan: LaunchPlan, model: torch.nn.Module) -> Engine:
-    """Build the engine; this joins the process group."""
+def create_engine(plan: LaunchPlan, model: torch.nn.Module, groups: list[dict]) -> Engine:
+    """Build the engine to train ``groups`` of ``model``'s parameters; this joins the
+    process group."""
     if plan.training.engine.name == "deepspeed":
         import deepspeed
 
         from launcher.engines.deepspeed import DeepSpeedEngine
 
         deepspeed.init_distributed(dist_backend=plan.topology.dist_backend)
-        return DeepSpeedEngine(plan, model)
+        return DeepSpeedEngine(plan, model, groups)
     from launcher.engines.accelerate import AccelerateEngine
 
-    return AccelerateEngine(plan, model)
+    return AccelerateEngine(plan, model, groups)
 
 
 def collective_device(plan: LaunchPlan) -> torch.device:
@@ -83,13 +86,20 @@ def run_training(plan: LaunchPlan) -> None:
     streaming = recipe.data.streaming
     split = None if streaming else load_split(recipe.data, training.data, seed=recipe.train.seed)
     model = build_model(recipe.model, training.data)
+    transfer = Transfer.of(model, recipe)
+    init = training.model.init if training.model is not None else None
+    if init is not None and checkpoint.latest(plan.run_dir) is None:  # a resumed run has its own weights
+        # Before the engine wraps the model: ZeRO-3 partitions the weights it finds.
+        load_initial_weights(model, init, recipe.model.init_exclude)
+    transfer.freeze(model)
     throughput = _throughput(plan, model)  # counted on the whole model, before ZeRO-3 shards it
-    engine = create_engine(plan, model)
+    engine = create_engine(plan, model, transfer.param_groups(model, recipe.optim.weight_decay))
+    transfer.hold(model, engine.schedule)
     if streaming:  # its normalisation statistics are a collective: after the process group
         split = streamed_split(recipe.data, training.data, dist.get_rank(), dist.get_world_size(),
                                device=collective_device(plan))
     seed_everything(recipe.train.seed + dist.get_rank())  # per-rank dropout and augmentation
-    Trainer(plan, engine, split, throughput).fit()
+    Trainer(plan, engine, split, throughput, transfer).fit()
 
 
 def _throughput(plan: LaunchPlan, model: torch.nn.Module) -> Throughput:
@@ -102,10 +112,12 @@ def _throughput(plan: LaunchPlan, model: torch.nn.Module) -> Throughput:
 
 
 class Trainer:
-    def __init__(self, plan: LaunchPlan, engine: Engine, split: Split, throughput: Throughput) -> None:
+    def __init__(self, plan: LaunchPlan, engine: Engine, split: Split, throughput: Throughput,
+                 transfer: Transfer) -> None:
         self.plan = plan
         self.engine = engine
         self.throughput = throughput
+        self.transfer = transfer
         self.alerts = Alerts(plan.recipe.alerts, Path(plan.run_dir), write=dist.get_rank() == 0)
         self.run_dir = Path(plan.run_dir)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -147,17 +159,20 @@ class Trainer:
                 result = self.engine.train_step([self._mix(next(batches), k) for k in range(accum)],
                                                 skip_above=self.alerts.skip_above,
                                                 module_norms=logged and self.plan.recipe.logging.module_grad_norms)
+                result = self._without_held_modules(result)
                 self.step += 1
                 loss, bad_ranks, preempted = self._share_step(result.loss)
                 self.alerts.check(self.step, loss, bad_ranks, result)  # raises on a stop policy
                 window_steps += 1
-                lr = self.engine.schedule.get_last_lr()[0]
+                lr = self.engine.schedule.lr
                 samples_per_s = window_steps * self.batch.global_ / (time.perf_counter() - window_start)
                 progress.update({"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "samples/s": f"{samples_per_s:.0f}"})
                 if logged:
                     modules = {f"grad_norm/{name}": norm for name, norm in (result.module_grad_norms or {}).items()}
-                    self._record("train", {"epoch": epoch, "loss": loss, "lr": lr, "grad_norm": result.grad_norm,
-                                           **modules, **self.throughput.rates(samples_per_s)})
+                    group_lrs = {f"lr/{kind}": value for kind, value in self.engine.schedule.group_lrs().items()}
+                    self._record("train", {"epoch": epoch, "loss": loss, "lr": lr, **group_lrs,
+                                           "grad_norm": result.grad_norm, **modules,
+                                           **self.throughput.rates(samples_per_s)})
                     window_start, window_steps = time.perf_counter(), 0
                 if self.step % self.steps.eval_every == 0 or self.step == total:
                     self._evaluate()
@@ -187,6 +202,15 @@ class Trainer:
                          mixup_alpha=self.augment.mixup_alpha, cutmix_alpha=self.augment.cutmix_alpha,
                          label_smoothing=self.augment.label_smoothing,
                          generator=torch.Generator().manual_seed(int(seed)))
+
+    def _without_held_modules(self, result: StepResult) -> StepResult:
+        """The step's module gradient norms less those of modules held frozen until a
+        later step (model.unfreeze): their zero gradients are not vanishing ones."""
+        if not result.module_grad_norms:
+            return result
+        held = self.transfer.held_modules(self.step)
+        return replace(result, module_grad_norms={name: norm for name, norm in result.module_grad_norms.items()
+                                                  if name not in held})
 
     def _share_step(self, loss: torch.Tensor) -> tuple[float, list[int], bool]:
         """One collective a step: every rank's loss and preemption flag. The logged loss

@@ -24,7 +24,6 @@ from launcher.engines.base import (
     make_schedule,
     module_grad_norms,
 )
-from launcher.models.build import param_groups
 from launcher.plan import LaunchPlan
 
 log = logging.getLogger(__name__)
@@ -49,12 +48,11 @@ def _accelerator(kwargs: dict, plan: LaunchPlan) -> Accelerator:
 
 
 class AccelerateEngine:
-    def __init__(self, plan: LaunchPlan, model: torch.nn.Module) -> None:
+    def __init__(self, plan: LaunchPlan, model: torch.nn.Module, groups: list[dict]) -> None:
         kwargs = plan.training.engine.accelerate
         self.accelerator = _accelerator(kwargs, plan)
         self.device = self.accelerator.device
         self.clip = plan.recipe.train.clip_grad_norm
-        groups = param_groups(model, plan.recipe.optim.weight_decay)
         optimizer = build_optimizer(plan, groups, plan.topology.device)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.schedule = make_schedule(plan, self.optimizer.optimizer)
