@@ -36,7 +36,8 @@ NEVER = math.inf
 """The start step of a parameter frozen for good."""
 
 
-def matching(patterns: Sequence[str], names: Sequence[str], key: str, what: str = "parameter") -> list[list[str]]:
+def matching(patterns: Sequence[str], names: Sequence[str], key: str,
+             what: str = "parameter") -> list[list[str]]:
     """The names each pattern matches (fnmatch, case-sensitive); one that matches none is
     a UsageError naming it and a few of the names."""
     found = []
@@ -81,7 +82,8 @@ class Transfer:
             starts.update(dict.fromkeys(hits, NEVER))
         frozen = [name for name in names if starts[name] == NEVER]
         for index, entry in enumerate(cfg.unfreeze):
-            for hits in matching(entry.patterns, frozen, f"model.unfreeze.{index}.patterns", "frozen parameter"):
+            key = f"model.unfreeze.{index}.patterns"
+            for hits in matching(entry.patterns, frozen, key, "frozen parameter"):
                 starts.update((name, min(starts[name], entry.at_step)) for name in hits)
         return cls(starts, _multipliers(names, recipe.optim.lr_multipliers))
 

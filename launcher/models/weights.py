@@ -63,7 +63,8 @@ def _checkpoint_weights(engine: Path, path: str) -> WeightsSource:
         return WeightsSource(str(engine / DEEPSPEED_TAG), "deepspeed")
     for name in ACCELERATE_FILES:
         if (engine / name).is_file():
-            return WeightsSource(str(engine / name), "safetensors" if name.endswith(".safetensors") else "torch")
+            kind = "safetensors" if name.endswith(".safetensors") else "torch"
+            return WeightsSource(str(engine / name), kind)
     raise UsageError(f"checkpoint {path!r} holds no model weights dlaunch reads (a DeepSpeed "
                      f"checkpoint, or one of {', '.join(ACCELERATE_FILES)}; a sharded FSDP checkpoint "
                      "is not one: start from the run's model.pt)", key=KEY)
