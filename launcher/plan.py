@@ -303,6 +303,12 @@ def _check_model(recipe: Recipe, data: DataFacts) -> None:
 
 
 def _check_unfreeze(recipe: Recipe, steps: StepPlan) -> None:
+    if recipe.model.unfreeze and recipe.engine.name == "accelerate" and recipe.engine.strategy == "fsdp":
+        # FSDP's forward runs on views of its flat parameters, so the gradient hooks that
+        # hold a parameter until its step (launcher/models/transfer.py) never fire.
+        raise UsageError("FSDP trains views of its flat parameters, past the gradient hooks that hold "
+                         "a parameter until its step; use engine.strategy ddp or engine.name deepspeed",
+                         key="model.unfreeze")
     for index, entry in enumerate(recipe.model.unfreeze):
         if entry.at_step >= steps.total:
             raise UsageError(f"step {entry.at_step} is not before the run's end ({steps.total} steps): "

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import dlaunch, metrics, only_run_dir
+from tests.conftest import dlaunch, metrics, only_run_dir, resume_to_identical_weights
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +84,7 @@ def zero_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
     """A DeepSpeed checkpoint's fp32 weights, as DeepSpeed's own zero_to_fp32 reads them."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     return {name: t.detach() for name, t in state.items()}
 
@@ -91,35 +93,56 @@ UNFREEZE_AT = 3
 LR = 1e-2
 
 
-@pytest.mark.parametrize("engine,stage", [("deepspeed", 3), ("accelerate", 0)])
-def test_parameters_unfrozen_later_hold_until_their_step_then_train(pretrained, tmp_path, engine, stage):
-    """blocks.1 is frozen until step 3, with half the LR from then on; stem and blocks.0
-    stay frozen. Initial weights: a DeepSpeed ZeRO-2 checkpoint of the pretraining (its
-    fp32 master weights), or the pretrained weights as a .safetensors file."""
+@dataclass(frozen=True)
+class Unfrozen:
+    recipe: Path
+    run_dir: Path
+    init_from: Path
+    init: dict[str, torch.Tensor]
+
+
+@pytest.fixture(scope="module")
+def unfrozen(pretrained, tmp_path_factory) -> dict[str, Unfrozen]:
+    """Fine-tuning runs in which blocks.1 is frozen until step 3, with half the LR from
+    then on, and stem and blocks.0 stay frozen: under DeepSpeed ZeRO-3 from a ZeRO-2
+    checkpoint of the pretraining (its fp32 master weights, copied), and under Accelerate
+    DDP from the pretrained weights as a .safetensors file; two ranks, fp32."""
     checkpoint = pretrained / "checkpoints" / (pretrained / "checkpoints" / "latest").read_text().strip()
-    if engine == "deepspeed":
-        init_from, init = checkpoint, zero_weights(checkpoint / "engine" / "deepspeed")
-    else:
-        init_from = tmp_path / "pretrained.safetensors"
-        save_file(torch.load(pretrained / "model.pt"), init_from)
-        init = load_file(init_from)
-    run_dir = train(tmp_path, "unfreeze", "--procs-per-node", "2", steps=5, lr=LR,
-                    model=f", init_from: {init_from}, init_exclude: [head.*]{FROZEN_FEATURES}, "
-                          f"unfreeze: [{{at_step: {UNFREEZE_AT}, patterns: [blocks.1.*]}}]",
-                    optim=", lr_multipliers: {blocks.*: 0.5}", train=", checkpoint_every: 1, keep_last: 5",
-                    logging=", log_every: 1",
-                    extra=f"engine: {{name: {engine}, zero_stage: {stage}}}\nprecision: {{dtype: fp32}}\n"
-                          "schedule: {name: constant, warmup_steps: 0}\n")
+    runs = {}
+    for engine, stage in (("deepspeed", 3), ("accelerate", 0)):
+        root = tmp_path_factory.mktemp(f"unfreeze-{engine}")
+        if engine == "deepspeed":
+            init_from = root / "checkpoints" / checkpoint.name
+            shutil.copytree(checkpoint, init_from)
+            init = zero_weights(init_from / "engine" / "deepspeed")
+        else:
+            init_from = root / "pretrained.safetensors"
+            save_file(torch.load(pretrained / "model.pt"), init_from)
+            init = load_file(init_from)
+        run_dir = train(root, "unfreeze", "--procs-per-node", "2", steps=5, lr=LR,
+                        model=f", init_from: {init_from}, init_exclude: [head.*]{FROZEN_FEATURES}, "
+                              f"unfreeze: [{{at_step: {UNFREEZE_AT}, patterns: [blocks.1.*]}}]",
+                        optim=", lr_multipliers: {blocks.*: 0.5}", train=", checkpoint_every: 1, keep_last: 5",
+                        logging=", log_every: 1",
+                        extra=f"engine: {{name: {engine}, zero_stage: {stage}}}\nprecision: {{dtype: fp32}}\n"
+                              "schedule: {name: constant, warmup_steps: 0}\n")
+        runs[engine] = Unfrozen(root / "unfreeze.yaml", run_dir, init_from, init)
+    return runs
+
+
+@pytest.mark.parametrize("engine", ["deepspeed", "accelerate"])
+def test_parameters_unfrozen_later_hold_until_their_step_then_train(unfrozen, engine):
+    run = unfrozen[engine]
 
     def weights(step: int) -> dict[str, torch.Tensor]:
-        engine_dir = run_dir / "checkpoints" / f"step-{step:08d}" / "engine"
+        engine_dir = run.run_dir / "checkpoints" / f"step-{step:08d}" / "engine"
         return zero_weights(engine_dir / "deepspeed") if engine == "deepspeed" else load_file(
             engine_dir / "model.safetensors")
 
     def same(state: dict[str, torch.Tensor], prefix: str) -> bool:
         names = [n for n in state if n.startswith(prefix)]
         assert names
-        return all(torch.equal(state[n], init[n]) for n in names)
+        return all(torch.equal(state[n], run.init[n]) for n in names)
 
     for step in range(1, UNFREEZE_AT + 1):
         state = weights(step)
@@ -131,8 +154,23 @@ def test_parameters_unfrozen_later_hold_until_their_step_then_train(pretrained, 
         assert not same(state, "blocks.1."), step
 
     # The LR each group steps with next: the base LR, and blocks.1's half of it from step 3.
-    lrs = {r["step"]: (r["lr"], r["lr/x1"], r["lr/x0.5@3"]) for r in metrics(run_dir, "train")}
+    lrs = {r["step"]: (r["lr"], r["lr/x1"], r["lr/x0.5@3"]) for r in metrics(run.run_dir, "train")}
     assert lrs == {step: (LR, LR, 0.0 if step < UNFREEZE_AT else LR / 2) for step in range(1, 6)}
+
+
+def test_a_run_killed_at_its_unfreeze_step_resumes_to_the_same_weights_without_its_initial_ones(
+        unfrozen, tmp_path):
+    """The checkpoint of step 3 precedes blocks.1's first update and the fresh optimizer
+    state it starts with; the resumed run reads its own checkpoint, not init_from."""
+    run = unfrozen["deepspeed"]
+    killed_root = tmp_path / "killed"
+    recipe = run.recipe.read_text().replace(str(run.run_dir.parent), str(killed_root))
+    (tmp_path / "killed.yaml").write_text(recipe)
+    killed = dlaunch("run", str(tmp_path / "killed.yaml"), "--procs-per-node", "2",
+                     env={"DLAUNCH_FAULT_KILL_AT_STEP": str(UNFREEZE_AT)})
+    assert killed.returncode != 0
+    shutil.rmtree(run.init_from)
+    resume_to_identical_weights(only_run_dir(killed_root), run.run_dir, UNFREEZE_AT)
 
 
 @pytest.mark.parametrize("model,optim,error", [

@@ -132,3 +132,12 @@ def test_a_step_to_unfreeze_at_must_come_before_the_run_ends():
     assert error.key == "model.unfreeze.0.at_step"
     assert error.message == ("step 10 is not before the run's end (10 steps): those parameters would "
                              "never train")
+
+
+def test_fsdp_is_refused_gradual_unfreezing_whose_hooks_it_would_bypass():
+    recipe = Recipe.model_validate({"model": {**CNN, "freeze": ["stem.*"],
+                                              "unfreeze": [{"at_step": 2, "patterns": ["stem.*"]}]},
+                                    "engine": {"name": "accelerate", "strategy": "fsdp"}, "train": {"max_steps": 10}})
+    error = usage_error(lambda: build_plan(recipe, host=HostFacts(has_cuda=True, cpus=2, hostname="h"),
+                                           data=DIGITS, run_dir="r", model=describe_model(recipe, DIGITS)))
+    assert error.key == "model.unfreeze" and "use engine.strategy ddp or engine.name deepspeed" in error.message
