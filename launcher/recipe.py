@@ -57,17 +57,18 @@ class ModelConfig(Section):
     Loaded into the new model before the engine wraps it; a resumed run continues from
     its own checkpoint instead."""
     init_exclude: list[str] = Field(default_factory=list)
-    """Weights not taken from `init_from`, e.g. `[head.*]` for a new head (fnmatch
-    patterns over parameter and buffer names): they keep the new model's initialisation.
+    """Weights not taken from `init_from` (fnmatch patterns over parameter and buffer
+    names, such as `[head.*]` for a new head): they keep the new model's initialisation.
     Every other weight must be in `init_from`, with the model's shape."""
     freeze: list[str] = Field(default_factory=list)
-    """Parameters that do not train, e.g. `[stem.*, blocks.*]` (fnmatch patterns over
-    parameter names): no gradient, no optimizer state; a BatchNorm layer whose parameters
-    are all frozen keeps its running statistics too (eval mode)."""
+    """Parameters that do not train (fnmatch patterns over parameter names, such as
+    `[stem.*, blocks.*]`): no gradient, no optimizer state; a BatchNorm layer whose
+    parameters are all frozen keeps its running statistics too (eval mode)."""
     unfreeze: list[UnfreezeConfig] = Field(default_factory=list)
     """Gradual unfreezing (ULMFiT): frozen parameters that start training at a later
-    step, e.g. `[{at_step: 100, patterns: [blocks.1.*]}, {at_step: 200, patterns: ['*']}]`.
-    Each starts with fresh optimizer state and the LR scheduled for that step."""
+    step, such as `[{at_step: 100, patterns: [blocks.1.*]}, {at_step: 200, patterns:
+    ['*']}]`. Each starts with fresh optimizer state and the LR scheduled for that step;
+    not with FSDP."""
 
 
 class AugmentConfig(Section):
@@ -133,9 +134,9 @@ class DataConfig(Section):
     num_classes: int = Field(default=4, gt=1)
     """Classes (source: synthetic, kind: classification)."""
     classes: list[int] | None = Field(default=None, min_length=2)
-    """Keep only the rows of these classes, relabelled 0..k-1 in the listed order, so the
-    model has k classes, e.g. [5, 6, 7, 8, 9]; unset, every row. Classification data
-    read whole (not streamed)."""
+    """Keep only the rows of these classes, such as [5, 6, 7, 8, 9], relabelled 0..k-1 in
+    the listed order: the model has k classes. Unset, every row. Classification data read
+    whole (not streamed)."""
     seq_len: int = Field(default=32, gt=1)
     """Tokens per sequence (source: synthetic, kind: tokens)."""
     vocab_size: int = Field(default=64, gt=1)
@@ -218,9 +219,9 @@ class OptimConfig(Section):
     """LR scaling rule for large batches: linear (Goyal et al., for SGD), sqrt (for
     Adam-family optimizers), auto picks by optimizer."""
     lr_multipliers: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
-    """Discriminative learning rates, e.g. `{stem.*: 0.1, blocks.*: 0.3}`: a parameter's
-    LR is the scheduled LR times the multiplier of the first pattern (fnmatch, over
-    parameter names) it matches; 1 when none does."""
+    """Discriminative learning rates, such as `{stem.*: 0.1, blocks.*: 0.3}`: a
+    parameter's LR is the scheduled LR times the multiplier of the first pattern (fnmatch,
+    over parameter names) it matches; 1 when none does."""
 
 
 class ScheduleConfig(Section):
@@ -772,6 +773,9 @@ def explain(key: str) -> str:
     section = _section_type(field.annotation)
     if section is not None:
         rows = [f"  {name}: {_first_sentence(sub.description)}" for name, sub in section.model_fields.items()]
+        if typing.get_origin(field.annotation) is list:  # model.unfreeze: its items are sections
+            about = " ".join((field.description or "").split())
+            return "\n".join([f"{key}: a list; each item has the keys below", f"  {about}", *rows])
         return "\n".join([f"{key}: a section; `dlaunch explain {key}.KEY` for more", *rows])
     default = "required" if field.is_required() else f"default: {field.get_default(call_default_factory=True)!r}"
     return f"{key} ({default})\n  {' '.join((field.description or '').split())}"
