@@ -169,7 +169,7 @@ class Trainer:
                 progress.update({"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "samples/s": f"{samples_per_s:.0f}"})
                 if logged:
                     modules = {f"grad_norm/{name}": norm for name, norm in (result.module_grad_norms or {}).items()}
-                    group_lrs = {f"lr/{kind}": lr for kind, lr in self.engine.schedule.group_lrs().items()}
+                    group_lrs = {f"lr/{kind}": rate for kind, rate in self.engine.schedule.group_lrs().items()}
                     self._record("train", {"epoch": epoch, "loss": loss, "lr": lr, **group_lrs,
                                            "grad_norm": result.grad_norm, **modules,
                                            **self.throughput.rates(samples_per_s)})

@@ -125,11 +125,11 @@ def describe(cfg: DataConfig) -> DataFacts:
         counts = {c: len(range(c, cfg.samples, cfg.num_classes)) for c in range(cfg.num_classes)}
     else:
         num_rows, shape, classes, encoded_images, counts = _parquet_facts(cfg)
-    if cfg.classes is not None:
-        num_rows, classes = rows_of(cfg.classes, counts), len(cfg.classes)
         if cfg.streaming and encoded_images:
             raise UsageError("streaming reads feature and token rows; an image column is read "
                              "whole (set data.streaming: false)", key="data.streaming")
+    if cfg.classes is not None:
+        num_rows, classes = rows_of(cfg.classes, counts), len(cfg.classes)
     if cfg.shape is not None:
         if encoded_images:
             raise UsageError("images reach the model as 3 x image_size x image_size; set "

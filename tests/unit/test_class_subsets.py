@@ -3,6 +3,8 @@ counted by the planner as the loaders load them."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,6 +15,8 @@ from sklearn.datasets import load_digits
 from launcher.data.classes import keep_classes
 from launcher.data.datasets import load_split
 from launcher.data.facts import DIGITS_CLASS_ROWS, describe
+from launcher.data.images import scan_image_folder
+from launcher.data.pattern_images import write_pattern_images
 from launcher.errors import UsageError
 from launcher.recipe import DataConfig, recipe_from_data
 from launcher.yamlio import SourceMap
@@ -64,6 +68,18 @@ def test_parquet_rows_keep_their_features_with_their_new_labels(tmp_path):
     x, y = _rows(load_split(cfg, facts))
     assert sorted(zip(x[:, 0].long().tolist(), y.tolist())) == sorted(
         (i, [4, 0, 2].index(i % 6)) for i in range(60) if i % 6 in (4, 0, 2))
+
+
+def test_an_image_folder_keeps_the_files_of_the_listed_class_folders(tmp_path):
+    root = write_pattern_images(tmp_path / "images", per_class=3, sizes=(8, 8))
+    folder = scan_image_folder(str(root))
+    cfg = DataConfig(source="images", path=str(root), image_size=8, classes=[2, 0], val_fraction=0.5)
+    facts = describe(cfg)
+    assert (facts.num_rows, facts.num_classes) == (6, 2)
+    split = load_split(cfg, facts)
+    rows = [(Path(path).parent.name, int(label)) for part in (split.train, split.val)
+            for path, label in zip(part.files, part.labels, strict=True)]
+    assert sorted(rows) == sorted([(folder.classes[2], 0)] * 3 + [(folder.classes[0], 1)] * 3)
 
 
 @pytest.mark.parametrize("data,message", [
