@@ -53,12 +53,15 @@ def plan_trial(sweep_dir: Path, settings: dict[str, Any], overrides: list[str], 
     """The plan of one trial: the sweep's recipe with the trial's values, on Ray."""
     from launcher.data.facts import describe
     from launcher.host import detect_host
+    from launcher.models.facts import model_facts
     from launcher.plan import build_plan
     from launcher.recipe import load_recipe
 
     recipe, _ = load_recipe(sweep_dir / RECIPE, overrides)
-    return build_plan(recipe, host=detect_host(), data=describe(recipe.data), run_dir=str(run_dir),
-                      backend="ray", nodes=settings["nodes"], procs_per_node=settings["procs_per_node"])
+    data = describe(recipe.data)
+    return build_plan(recipe, host=detect_host(), data=data, run_dir=str(run_dir), backend="ray",
+                      nodes=settings["nodes"], procs_per_node=settings["procs_per_node"],
+                      model=model_facts(recipe, data))
 
 
 def _read_record(run_dir: Path) -> dict[str, Any] | None:

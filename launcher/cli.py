@@ -199,6 +199,7 @@ def _make_plan(args: argparse.Namespace, script_args: list[str], stamp: str, fol
     fold of --folds, in the folds' directory."""
     from launcher.data.facts import describe
     from launcher.host import detect_host
+    from launcher.models.facts import model_facts
     from launcher.models.target import check_target_importable
     from launcher.plan import build_plan
     from launcher.recipe import load_recipe, locate
@@ -211,12 +212,13 @@ def _make_plan(args: argparse.Namespace, script_args: list[str], stamp: str, fol
     recipe, source = load_recipe(args.recipe, overrides)
     script = getattr(args, "script", None)
     try:
-        data = None
+        data = model = None
         if script is None:
             data = describe(recipe.data)
             if recipe.model.target is not None:
                 check_target_importable(recipe.model.target)
             check_installed(recipe.logging)
+            model = model_facts(recipe, data)
         elif not Path(script).is_file():
             raise UsageError(f"script {script!r} does not exist", key="--script")
         root = run_root(recipe, args.cluster or recipe.cluster.backend)
@@ -225,7 +227,7 @@ def _make_plan(args: argparse.Namespace, script_args: list[str], stamp: str, fol
         plan = build_plan(recipe, host=detect_host(), data=data, run_dir=str(run_dir),
                           backend=args.cluster, nodes=args.nodes, procs_per_node=args.procs_per_node,
                           script=str(Path(script).resolve()) if script else None,
-                          script_args=script_args)
+                          script_args=script_args, model=model)
         return plan, source
     except UsageError as err:
         raise locate(err, source) from None
@@ -605,6 +607,7 @@ def _sweep_plans(recipe, source, spec, sweep_dir: Path, args: argparse.Namespace
     so that a value no trial could run with is refused before any trial starts."""
     from launcher.data.facts import describe
     from launcher.host import detect_host
+    from launcher.models.facts import model_facts
     from launcher.plan import build_plan
     from launcher.recipe import recipe_from_data
     from launcher.yamlio import apply_override, parse_override
@@ -613,8 +616,9 @@ def _sweep_plans(recipe, source, spec, sweep_dir: Path, args: argparse.Namespace
     probe = str(sweep_dir / "trials" / "probe")
 
     def plan(trial_recipe):
-        return build_plan(trial_recipe, host=host, data=describe(trial_recipe.data), run_dir=probe,
-                          backend="ray", nodes=args.nodes, procs_per_node=args.procs_per_node)
+        data = describe(trial_recipe.data)
+        return build_plan(trial_recipe, host=host, data=data, run_dir=probe, backend="ray", nodes=args.nodes,
+                          procs_per_node=args.procs_per_node, model=model_facts(trial_recipe, data))
 
     plans = [plan(recipe)]
     base = recipe.model_dump(mode="json")

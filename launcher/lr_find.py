@@ -100,8 +100,8 @@ def run_sweep(plan: LaunchPlan, settings: SweepSettings) -> Curve:
     os.environ["MASTER_PORT"] = str(store.port)
     dist.init_process_group(plan.topology.dist_backend, store=store, rank=0, world_size=1)
     try:
-        split, model = load_data_and_model(plan)
-        engine, split = start_engine(plan, model, split)
+        split, model, transfer = load_data_and_model(plan)
+        engine, split = start_engine(plan, model, transfer, split)
         lrs, losses, stopped = [], [], None
         progress = Progress(settings.steps, 0, plan.recipe.logging.progress)
         for lr, micro_batches in zip(sweep_lrs(settings.min_lr, settings.max_lr, settings.steps),

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from launcher.data.facts import DataFacts
 from launcher.engine_config import accelerate_kwargs, deepspeed_config
 from launcher.errors import UsageError
+from launcher.models.facts import ModelFacts, uses_transfer
 from launcher.recipe import DataConfig, Recipe
 from launcher.schedules import ScheduleShape, cycle_ends
 
@@ -81,6 +82,8 @@ class TrainingPlan(_Value):
     lr: LearningRate
     steps: StepPlan
     engine: EnginePlan
+    model: ModelFacts | None = None
+    """Initial weights and frozen parameters, for a transfer-learning recipe."""
 
 
 class ScriptPlan(_Value):
@@ -325,6 +328,19 @@ def _check_model(recipe: Recipe, data: DataFacts) -> None:
                          f"{list(data.input_shape)}; set data.shape", key="model.name")
 
 
+def _check_unfreeze(recipe: Recipe, steps: StepPlan) -> None:
+    if recipe.model.unfreeze and recipe.engine.name == "accelerate" and recipe.engine.strategy == "fsdp":
+        # FSDP's forward runs on views of its flat parameters, so the gradient hooks that
+        # hold a parameter until its step (launcher/models/transfer.py) never fire.
+        raise UsageError("FSDP trains views of its flat parameters, past the gradient hooks that hold "
+                         "a parameter until its step; use engine.strategy ddp or engine.name deepspeed",
+                         key="model.unfreeze")
+    for index, entry in enumerate(recipe.model.unfreeze):
+        if entry.at_step >= steps.total:
+            raise UsageError(f"step {entry.at_step} is not before the run's end ({steps.total} steps): "
+                             "those parameters would never train", key=f"model.unfreeze.{index}.at_step")
+
+
 def _env(recipe: Recipe, topo: Topology, host: HostFacts) -> dict[str, str]:
     env = {"PYTHONUNBUFFERED": "1"}
     if topo.device == "cpu":
@@ -345,19 +361,24 @@ def _env(recipe: Recipe, topo: Topology, host: HostFacts) -> dict[str, str]:
 def build_plan(recipe: Recipe, *, host: HostFacts, data: DataFacts | None, run_dir: str,
                backend: str | None = None, nodes: int | None = None,
                procs_per_node: int | None = None, script: str | None = None,
-               script_args: list[str] = ()) -> LaunchPlan:
-    """The plan for ``recipe`` on ``host``; ``data`` is None only for ``--script`` jobs."""
+               script_args: list[str] = (), model: ModelFacts | None = None) -> LaunchPlan:
+    """The plan for ``recipe`` on ``host``; ``data`` is None only for ``--script`` jobs,
+    ``model`` None unless the recipe is one of transfer learning."""
     topo = _topology(recipe, host, backend, nodes, procs_per_node)
     training = None
     if script is None:
         if data is None:
             raise ValueError("a built-in training job needs DataFacts")
+        if uses_transfer(recipe) and model is None:
+            raise ValueError("a transfer-learning job needs ModelFacts")
         _check_model(recipe, data)
         _check_alerts(recipe)
         batch = _batch(recipe, topo.world_size)
         lr = _learning_rate(recipe, batch.global_)
-        training = TrainingPlan(data=data, batch=batch, lr=lr, steps=_steps(recipe, data, batch.global_, topo.world_size),
-                                engine=_engine(recipe, topo, batch, lr.scaled))
+        steps = _steps(recipe, data, batch.global_, topo.world_size)
+        _check_unfreeze(recipe, steps)
+        training = TrainingPlan(data=data, batch=batch, lr=lr, steps=steps,
+                                engine=_engine(recipe, topo, batch, lr.scaled), model=model)
     return LaunchPlan(
         name=recipe.name, run_dir=run_dir, recipe=recipe, topology=topo,
         env=_env(recipe, topo, host), training=training,
@@ -369,6 +390,23 @@ def _validation(data: DataConfig) -> str:
     if data.validation in ("holdout", "stratified"):
         return data.validation
     return f"{data.validation}, fold {data.fold} of 0..{data.folds - 1}"
+
+
+def _model_rows(plan: LaunchPlan) -> list[tuple[str, str]]:
+    cfg, facts = plan.recipe.model, plan.training.model
+    model = cfg.target or cfg.name
+    if facts is None:
+        return [("model", model)]
+    if facts.params is not None:
+        model += (f", {facts.params:,} parameters: {facts.params - facts.frozen:,} trainable, "
+                  f"{facts.frozen:,} frozen")
+        if facts.unfrozen_later:
+            model += f" ({facts.unfrozen_later:,} of them unfrozen later)"
+    rows = [("model", model)]
+    if facts.init is not None:
+        rows.append(("initial weights", f"{facts.init.path} ({facts.init.format})" + (
+            f", except {', '.join(cfg.init_exclude)}" if cfg.init_exclude else "")))
+    return rows
 
 
 def format_plan(plan: LaunchPlan) -> str:
@@ -385,9 +423,8 @@ def format_plan(plan: LaunchPlan) -> str:
     if train is not None:
         b, lr, s, e, d = train.batch, train.lr, train.steps, train.engine, train.data
         recipe = plan.recipe
-        model = recipe.model.target or recipe.model.name
         rows += [
-            ("model", model),
+            *_model_rows(plan),
             ("data", f"{recipe.data.source}: {d.num_train} train / {d.num_val} val / {d.num_test} test "
                      f"rows ({_validation(recipe.data)}), input {list(d.input_shape)}, {d.num_classes} classes"
                      + (f", streamed by rank from {len(d.row_groups)} row groups" if d.row_groups else "")),

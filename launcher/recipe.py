@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -33,6 +33,15 @@ class Section(BaseModel):
                               use_attribute_docstrings=True)
 
 
+class UnfreezeConfig(Section):
+    at_step: int = Field(gt=0)
+    """Optimizer step from which the parameters train; the steps before it leave them
+    exactly as they are."""
+    patterns: list[str] = Field(min_length=1)
+    """Parameters `model.freeze` froze that train from `at_step` on (fnmatch patterns over
+    parameter names; `*` unfreezes every frozen one)."""
+
+
 class ModelConfig(Section):
     name: Literal["mlp", "cnn", "gpt"] = "mlp"
     """Built-in model: mlp, cnn (a small ResNet-style CNN) or gpt (a tiny GPT)."""
@@ -42,6 +51,25 @@ class ModelConfig(Section):
     When set, `name` is not used."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments for the model factory (built-in or `target`)."""
+    init_from: str | None = None
+    """Initial weights for transfer learning: a finished dlaunch run directory (its
+    model.pt), one of its checkpoints (RUN_DIR/checkpoints/step-N, DeepSpeed or
+    Accelerate), a torch state-dict file (.pt, .pth, .bin) or a .safetensors file.
+    Loaded into the new model before the engine wraps it; a resumed run continues from
+    its own checkpoint instead."""
+    init_exclude: list[str] = Field(default_factory=list)
+    """Weights not taken from `init_from` (fnmatch patterns over parameter and buffer
+    names, such as `[head.*]` for a new head): they keep the new model's initialisation.
+    Every other weight must be in `init_from`, with the model's shape."""
+    freeze: list[str] = Field(default_factory=list)
+    """Parameters that do not train (fnmatch patterns over parameter names, such as
+    `[stem.*, blocks.*]`): no gradient, no optimizer state; a BatchNorm layer whose
+    parameters are all frozen keeps its running statistics too (eval mode)."""
+    unfreeze: list[UnfreezeConfig] = Field(default_factory=list)
+    """Gradual unfreezing (ULMFiT): frozen parameters that start training at a later
+    step, such as `[{at_step: 100, patterns: [blocks.1.*]}, {at_step: 200, patterns:
+    ['*']}]`. Each starts with fresh optimizer state and the LR scheduled for that step;
+    not with FSDP."""
 
 
 class AugmentConfig(Section):
@@ -106,6 +134,10 @@ class DataConfig(Section):
     """Features per row (source: synthetic, kind: classification)."""
     num_classes: int = Field(default=4, gt=1)
     """Classes (source: synthetic, kind: classification)."""
+    classes: list[int] | None = Field(default=None, min_length=2)
+    """Keep only the rows of these classes, such as [5, 6, 7, 8, 9], relabelled 0..k-1 in
+    the listed order: the model has k classes. Unset, every row. Classification data read
+    whole (not streamed)."""
     seq_len: int = Field(default=32, gt=1)
     """Tokens per sequence (source: synthetic, kind: tokens)."""
     vocab_size: int = Field(default=64, gt=1)
@@ -187,6 +219,10 @@ class OptimConfig(Section):
     scaling: Literal["auto", "linear", "sqrt", "none"] = "auto"
     """LR scaling rule for large batches: linear (Goyal et al., for SGD), sqrt (for
     Adam-family optimizers), auto picks by optimizer."""
+    lr_multipliers: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
+    """Discriminative learning rates, such as `{stem.*: 0.1, blocks.*: 0.3}`: a
+    parameter's LR is the scheduled LR times the multiplier of the first pattern (fnmatch,
+    over parameter names) it matches; 1 when none does."""
 
 
 class ScheduleConfig(Section):
@@ -538,6 +574,8 @@ def _section_fields(loc: KeyPath) -> list[str]:
     """Names of the fields that are valid at ``loc`` (for did-you-mean)."""
     model: type[BaseModel] = Recipe
     for part in loc:
+        if isinstance(part, int):  # an item of a list of sections (model.unfreeze)
+            continue
         field = model.model_fields.get(str(part))
         section = _section_type(getattr(field, "annotation", None))
         if section is None:
@@ -596,6 +634,8 @@ def _check_consistency(recipe: Recipe) -> None:
         raise UsageError("the digits dataset is for classification", key="data.kind")
     _check_validation(data)
     _check_loading(data)
+    _check_classes(data)
+    _check_transfer(recipe.model)
     target = recipe.model.target
     if target is not None and (":" not in target or target.startswith(":") or target.endswith(":")):
         raise UsageError(f"{target!r} is not an import path; write package.module:factory",
@@ -663,6 +703,33 @@ def _check_loading(data: DataConfig) -> None:
     if mixing and data.kind != "classification":
         raise UsageError("mixup, cutmix and label smoothing mix class labels; token data has none",
                          key="data.augment")
+
+
+def _check_classes(data: DataConfig) -> None:
+    classes = data.classes
+    if classes is None:
+        return
+    if data.kind != "classification":
+        raise UsageError("data.classes picks classes of labelled rows; token data has none", key="data.classes")
+    if data.streaming:
+        raise UsageError("a streaming rank reads its own rows only, so the planner cannot count the "
+                         "rows of the listed classes; set data.streaming: false", key="data.classes")
+    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    if repeated:
+        raise UsageError(f"class {repeated[0]} is listed twice", key="data.classes")
+    if min(classes) < 0:
+        raise UsageError(f"class labels are 0 or more, not {min(classes)}", key="data.classes")
+
+
+def _check_transfer(model: ModelConfig) -> None:
+    """Settings that only mean something together. (Patterns are checked against the
+    model's parameter names when the run is planned.)"""
+    if model.init_exclude and model.init_from is None:
+        raise UsageError("init_exclude leaves weights out of model.init_from; set init_from",
+                         key="model.init_exclude")
+    if model.unfreeze and not model.freeze:
+        raise UsageError("unfreeze starts training parameters model.freeze froze; set model.freeze",
+                         key="model.unfreeze")
 
 
 def has_validation(data: DataConfig) -> bool:
@@ -762,6 +829,9 @@ def explain(key: str) -> str:
     section = _section_type(field.annotation)
     if section is not None:
         rows = [f"  {name}: {_first_sentence(sub.description)}" for name, sub in section.model_fields.items()]
+        if typing.get_origin(field.annotation) is list:  # model.unfreeze: its items are sections
+            about = " ".join((field.description or "").split())
+            return "\n".join([f"{key}: a list; each item has the keys below", f"  {about}", *rows])
         return "\n".join([f"{key}: a section; `dlaunch explain {key}.KEY` for more", *rows])
     default = "required" if field.is_required() else f"default: {field.get_default(call_default_factory=True)!r}"
     return f"{key} ({default})\n  {' '.join((field.description or '').split())}"

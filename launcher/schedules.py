@@ -78,8 +78,15 @@ def cycle_ends(shape: ScheduleShape) -> list[int]:
     return [*ends, shape.total_steps]
 
 
+def group_scale(group: dict[str, Any], step: int) -> float:
+    """A param group's share of the scheduled LR at ``step``: its ``lr_multiplier``
+    (discriminative fine-tuning), and 0 before its ``start_step`` (gradual unfreezing)."""
+    return 0.0 if step < group.get("start_step", 0) else group.get("lr_multiplier", 1.0)
+
+
 class LRSchedule:
-    """Sets each param group's LR to its peak LR x ``lr_factor`` x the plateau scale."""
+    """Sets each param group's LR to its peak LR x ``lr_factor`` x the plateau scale x
+    the group's own scale (``group_scale``)."""
 
     def __init__(self, optimizer: Any, shape: ScheduleShape, *, plateau_factor: float = 0.5,
                  plateau_patience: int = 2, mode: Literal["min", "max"] = "min") -> None:
@@ -94,11 +101,13 @@ class LRSchedule:
         self.best: float | None = None
         self.bad_evals = 0
         self._apply()
+        if any("start_step" in group for group in optimizer.param_groups):
+            optimizer.register_step_pre_hook(self._restart_starting_groups)
 
     def _apply(self) -> None:
-        factor = lr_factor(self.shape, self.last_step) * self.plateau_scale
+        self.factor = lr_factor(self.shape, self.last_step) * self.plateau_scale
         for group, peak in zip(self.optimizer.param_groups, self.peak_lrs):
-            group["lr"] = peak * factor
+            group["lr"] = peak * self.factor * group_scale(group, self.last_step)
 
     def step(self, *_: Any, **__: Any) -> None:
         """One optimizer step done (DeepSpeed passes keyword arguments; none matter)."""
@@ -111,6 +120,39 @@ class LRSchedule:
         own step() of the schedule keeps the swept LR rather than fighting it."""
         self.peak_lrs = [lr] * len(self.peak_lrs)
         self._apply()
+
+    def _restart_starting_groups(self, optimizer: Any, *_: Any) -> None:
+        """Before the first update of a group that starts training (a step pre-hook):
+        fresh optimizer state, as if the group had been added now. Adam's moments stayed
+        0 while it was held but its step count ran on, which would skew the bias
+        correction; SGD's momentum took in weight decay. Zeroed in place, since DeepSpeed's
+        checkpoints expect every group to keep its state keys; in the hook, since ZeRO-3
+        lists a group's flat parameters in it only while it steps."""
+        for group in optimizer.param_groups:
+            if group.get("start_step") != self.last_step:
+                continue
+            for param in group["params"]:
+                state = optimizer.state.get(param, {})
+                for key, value in state.items():
+                    if hasattr(value, "zero_"):
+                        value.zero_()
+                    elif isinstance(value, (int, float)):  # DeepSpeedCPUAdam's step count
+                        state[key] = type(value)(0)
+
+    @property
+    def lr(self) -> float:
+        """The scheduled LR: a group's without a multiplier (the `lr` metric)."""
+        return self.peak_lrs[0] * self.factor
+
+    def group_lrs(self) -> dict[str, float]:
+        """The LR of each kind of group when there are several, by multiplier and start
+        step (`x0.1`, `x1@200`): groups that differ only in weight decay share one."""
+        kinds = {(group.get("lr_multiplier", 1.0), group.get("start_step", 0)): group["lr"]
+                 for group in self.optimizer.param_groups}
+        if len(kinds) < 2:
+            return {}
+        return {f"x{multiplier:g}" + (f"@{start}" if start else ""): lr
+                for (multiplier, start), lr in sorted(kinds.items(), key=lambda kind: kind[0][::-1])}
 
     def on_eval(self, value: float) -> None:
         """Reduce-on-plateau: cut the LR when ``value`` stopped improving."""

@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ from launcher.engines.base import Engine, StepResult, monitor_mode, sample_score
 from launcher.engines.module_stats import ActivationRecorder, recording_activations
 from launcher.flops import Throughput, peak_flops, training_flops_per_sample
 from launcher.models.build import build_model
+from launcher.models.transfer import Transfer, load_initial_weights
 from launcher.monitor import MetricsLog, Progress
 from launcher.plan import LaunchPlan
 from launcher.snapshots import SnapshotWriter
@@ -56,18 +58,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def create_engine(plan: LaunchPlan, model: torch.nn.Module) -> Engine:
-    """Build the engine; this joins the process group."""
+def create_engine(plan: LaunchPlan, model: torch.nn.Module, groups: list[dict]) -> Engine:
+    """Build the engine to train ``groups`` of ``model``'s parameters; this joins the
+    process group."""
     if plan.training.engine.name == "deepspeed":
         import deepspeed
 
         from launcher.engines.deepspeed import DeepSpeedEngine
 
         deepspeed.init_distributed(dist_backend=plan.topology.dist_backend)
-        return DeepSpeedEngine(plan, model)
+        return DeepSpeedEngine(plan, model, groups)
     from launcher.engines.accelerate import AccelerateEngine
 
-    return AccelerateEngine(plan, model)
+    return AccelerateEngine(plan, model, groups)
 
 
 def collective_device(plan: LaunchPlan) -> torch.device:
@@ -77,28 +80,38 @@ def collective_device(plan: LaunchPlan) -> torch.device:
 
 
 def run_training(plan: LaunchPlan) -> None:
-    split, model = load_data_and_model(plan)
+    split, model, transfer = load_data_and_model(plan)
     throughput = _throughput(plan, model)  # counted on the whole model, before ZeRO-3 shards it
-    engine, split = start_engine(plan, model, split)
-    Trainer(plan, engine, split, throughput).fit()
+    engine, split = start_engine(plan, model, transfer, split)
+    Trainer(plan, engine, split, throughput, transfer).fit()
 
 
-def load_data_and_model(plan: LaunchPlan) -> tuple[Split | None, torch.nn.Module]:
+def load_data_and_model(plan: LaunchPlan) -> tuple[Split | None, torch.nn.Module, Transfer]:
     """The split (None when streaming: it is read after the process group exists) and
-    the model, with the same initial weights on every rank."""
+    the model, with the same initial weights on every rank (``model.init_from``'s, unless
+    the run resumes from its own checkpoint) and its frozen parameters frozen."""
     recipe, training = plan.recipe, plan.training
     seed_everything(recipe.train.seed)
     split = None if recipe.data.streaming else load_split(recipe.data, training.data, seed=recipe.train.seed)
-    return split, build_model(recipe.model, training.data)
+    model = build_model(recipe.model, training.data)
+    transfer = Transfer.of(model, recipe)
+    init = training.model.init if training.model is not None else None
+    if init is not None and checkpoint.latest(plan.run_dir) is None:
+        # Before the engine wraps the model: ZeRO-3 partitions the weights it finds.
+        load_initial_weights(model, init, recipe.model.init_exclude)
+    transfer.freeze(model)
+    return split, model, transfer
 
 
-def start_engine(plan: LaunchPlan, model: torch.nn.Module, split: Split | None) -> tuple[Engine, Split]:
+def start_engine(plan: LaunchPlan, model: torch.nn.Module, transfer: Transfer,
+                 split: Split | None) -> tuple[Engine, Split]:
     """The engine around ``model`` (this joins the process group), and the split."""
     # DeepSpeed's ZeRO calls a torch collective that torch has deprecated; nothing a
     # user can act on, printed by every rank at its first step.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     recipe = plan.recipe
-    engine = create_engine(plan, model)
+    engine = create_engine(plan, model, transfer.param_groups(model, recipe.optim.weight_decay))
+    transfer.hold(model, engine.schedule)
     if recipe.data.streaming:  # its normalisation statistics are a collective: after the process group
         split = streamed_split(recipe.data, plan.training.data, dist.get_rank(), dist.get_world_size(),
                                device=collective_device(plan))
@@ -129,10 +142,12 @@ def _throughput(plan: LaunchPlan, model: torch.nn.Module) -> Throughput:
 
 
 class Trainer:
-    def __init__(self, plan: LaunchPlan, engine: Engine, split: Split, throughput: Throughput) -> None:
+    def __init__(self, plan: LaunchPlan, engine: Engine, split: Split, throughput: Throughput,
+                 transfer: Transfer) -> None:
         self.plan = plan
         self.engine = engine
         self.throughput = throughput
+        self.transfer = transfer
         self.alerts = Alerts(plan.recipe.alerts, Path(plan.run_dir), write=dist.get_rank() == 0)
         self.run_dir = Path(plan.run_dir)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -187,18 +202,20 @@ class Trainer:
                 with recording_activations(self.engine.module, logged and logging_cfg.activation_stats) as acts:
                     result = self.engine.train_step(micro_batches, skip_above=self.alerts.skip_above,
                                                     module_norms=logged and logging_cfg.module_grad_norms)
+                result = self._without_held_modules(result)
                 self.step += 1
                 self.overflows += result.overflow
                 loss, bad_ranks, preempted = self._share_step(result.loss)
                 self.alerts.check(self.step, loss, bad_ranks, result)  # raises on a stop policy
                 window_steps += 1
-                lr = self.engine.schedule.get_last_lr()[0]
+                lr = self.engine.schedule.lr
                 samples_per_s = window_steps * self.batch.global_ / (time.perf_counter() - window_start)
                 progress.update({"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "samples/s": f"{samples_per_s:.0f}"})
                 if logged:
                     modules = {f"grad_norm/{name}": norm for name, norm in (result.module_grad_norms or {}).items()}
-                    self._record("train", {"epoch": epoch, "loss": loss, "lr": lr, "grad_norm": result.grad_norm,
-                                           **modules, **self._model_stats(result, acts),
+                    group_lrs = {f"lr/{kind}": rate for kind, rate in self.engine.schedule.group_lrs().items()}
+                    self._record("train", {"epoch": epoch, "loss": loss, "lr": lr, **group_lrs,
+                                           "grad_norm": result.grad_norm, **modules, **self._model_stats(result, acts),
                                            **self.throughput.rates(samples_per_s)})
                     window_start, window_steps = time.perf_counter(), 0
                 if (self.step % self.steps.eval_every == 0 or self.step == total
@@ -221,6 +238,15 @@ class Trainer:
         self._finish(time.perf_counter() - started, self.step - first_step)
 
     # -- pieces of a step -------------------------------------------------------------
+
+    def _without_held_modules(self, result: StepResult) -> StepResult:
+        """The step's module gradient norms less those of modules held frozen until a
+        later step (model.unfreeze): their zero gradients are not vanishing ones."""
+        if not result.module_grad_norms:
+            return result
+        held = self.transfer.held_modules(self.step)
+        norms = {name: norm for name, norm in result.module_grad_norms.items() if name not in held}
+        return replace(result, module_grad_norms=norms)
 
     def _share_step(self, loss: torch.Tensor) -> tuple[float, list[int], bool]:
         """One collective a step: every rank's loss and preemption flag. The logged loss

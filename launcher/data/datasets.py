@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from launcher.data.augment import ImageAugment
+from launcher.data.classes import keep_classes
 from launcher.data.facts import DataFacts, feature_columns, parquet_files
 from launcher.data.image_rows import ImageRows, channel_stats
 from launcher.data.images import scan_image_folder
@@ -81,6 +82,9 @@ def _image_split(cfg: DataConfig, facts: DataFacts, seed: int, test: bool) -> Sp
         table = _read_table(cfg, [cfg.image_column, cfg.label_column])
         labels = table.column(cfg.label_column).to_numpy().astype(np.int64)
         files = table.column(cfg.image_column).to_pylist()
+    if cfg.classes is not None:
+        kept, labels = keep_classes(labels, cfg.classes)
+        files = [files[i] for i in kept]
     _check_rows(cfg, facts, len(files))
     rows = split_indices(cfg, len(files), labels=labels, times=_times(cfg), permutation=_randperm)
     paths = [[files[i] for i in r] for r in rows]
@@ -142,12 +146,18 @@ def _feature_stats(x_train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _load_rows(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """All (features float32 (N, F), labels int64 (N,)) of a classification source."""
+    """All (features float32 (N, F), labels int64 (N,)) of a classification source: the
+    rows of ``data.classes`` only, relabelled, when it is set."""
     if cfg.source == "digits":
-        return _digits()
-    if cfg.source == "synthetic":
-        return _synthetic_classes(cfg)
-    return _parquet_rows(cfg)
+        x, y = _digits()
+    elif cfg.source == "synthetic":
+        x, y = _synthetic_classes(cfg)
+    else:
+        x, y = _parquet_rows(cfg)
+    if cfg.classes is None:
+        return x, y
+    kept, labels = keep_classes(y.numpy(), cfg.classes)
+    return x[torch.from_numpy(kept)], torch.from_numpy(labels)
 
 
 def _load_tokens(cfg: DataConfig) -> torch.Tensor:

@@ -12,6 +12,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from launcher.data.classes import rows_of
 from launcher.data.images import scan_image_folder
 from launcher.data.splits import split_sizes
 from launcher.errors import UsageError
@@ -20,6 +23,8 @@ from launcher.recipe import DataConfig
 DIGITS_ROWS = 1797
 DIGITS_SHAPE = (1, 8, 8)
 DIGITS_CLASSES = 10
+DIGITS_CLASS_ROWS = (178, 182, 177, 183, 181, 182, 181, 179, 174, 180)
+"""Rows of each digit 0..9."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,8 @@ def parquet_files(path: str) -> list[Path]:
     return [root]
 
 
-def _parquet_facts(cfg: DataConfig) -> tuple[int, tuple[int, ...], int, bool]:
+def _parquet_facts(cfg: DataConfig) -> tuple[int, tuple[int, ...], int, bool, dict[int, int]]:
+    """(rows, input shape, classes, whether rows are encoded images, rows of each label)."""
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
@@ -74,14 +80,16 @@ def _parquet_facts(cfg: DataConfig) -> tuple[int, tuple[int, ...], int, bool]:
         if cfg.tokens_column not in names:
             raise UsageError(f"column {cfg.tokens_column!r} not in {names}", key="data.tokens_column")
         # A token file says nothing cheap about its vocabulary: the recipe gives it.
-        return num_rows, (cfg.seq_len - 1,), cfg.vocab_size, False
+        return num_rows, (cfg.seq_len - 1,), cfg.vocab_size, False, {}
     if cfg.label_column not in names:
         raise UsageError(f"column {cfg.label_column!r} not in {names}", key="data.label_column")
     # Class count needs the label values: read that one column (small) once.
     labels = ds.dataset([str(f) for f in files], format="parquet").to_table(columns=[cfg.label_column])
     num_classes = int(pc.max(labels.column(0)).as_py()) + 1
+    counts = {int(c["values"]): int(c["counts"]) for c in pc.value_counts(labels.column(0)).to_pylist()
+              if c["values"] is not None} if cfg.classes else {}
     if cfg.image_column in names and _is_binary(schema.field(cfg.image_column).type):
-        return num_rows, (3, cfg.image_size, cfg.image_size), num_classes, True
+        return num_rows, (3, cfg.image_size, cfg.image_size), num_classes, True, counts
     if cfg.loader == "dali":
         raise UsageError(f"DALI decodes images; these files have no {cfg.image_column!r} column of "
                          "encoded images (data.image_column), use loader: torch", key="data.loader")
@@ -89,7 +97,7 @@ def _parquet_facts(cfg: DataConfig) -> tuple[int, tuple[int, ...], int, bool]:
     missing = [c for c in features if c not in names]
     if missing:
         raise UsageError(f"columns {missing} not in {names}", key="data.feature_columns")
-    return num_rows, (len(features),), num_classes, False
+    return num_rows, (len(features),), num_classes, False, counts
 
 
 def _is_binary(dtype: object) -> bool:
@@ -102,20 +110,26 @@ def describe(cfg: DataConfig) -> DataFacts:
     encoded_images = cfg.source == "images"
     if cfg.source == "digits":
         num_rows, shape, classes = DIGITS_ROWS, DIGITS_SHAPE, DIGITS_CLASSES
+        counts = dict(enumerate(DIGITS_CLASS_ROWS))
     elif cfg.source == "images":
         folder = scan_image_folder(cfg.path or "")  # lists the files, opens none
         num_rows, shape, classes = len(folder.files), (3, cfg.image_size, cfg.image_size), len(folder.classes)
+        counts = dict(enumerate(int(n) for n in np.bincount(folder.labels)))
     elif cfg.source == "synthetic":
         num_rows = cfg.samples
         if cfg.kind == "tokens":
             shape, classes = (cfg.seq_len - 1,), cfg.vocab_size
         else:
             shape, classes = (cfg.num_features,), cfg.num_classes
+        # The generator deals labels 0, 1, ..., C-1, 0, 1, ... before shuffling them.
+        counts = {c: len(range(c, cfg.samples, cfg.num_classes)) for c in range(cfg.num_classes)}
     else:
-        num_rows, shape, classes, encoded_images = _parquet_facts(cfg)
+        num_rows, shape, classes, encoded_images, counts = _parquet_facts(cfg)
         if cfg.streaming and encoded_images:
             raise UsageError("streaming reads feature and token rows; an image column is read "
                              "whole (set data.streaming: false)", key="data.streaming")
+    if cfg.classes is not None:
+        num_rows, classes = rows_of(cfg.classes, counts), len(cfg.classes)
     if cfg.shape is not None:
         if encoded_images:
             raise UsageError("images reach the model as 3 x image_size x image_size; set "

@@ -25,7 +25,6 @@ from launcher.engines.base import (
     module_grad_norms,
 )
 from launcher.engines.module_stats import weight_norms
-from launcher.models.build import param_groups
 from launcher.plan import LaunchPlan
 
 log = logging.getLogger(__name__)
@@ -51,12 +50,11 @@ def _accelerator(kwargs: dict, plan: LaunchPlan) -> Accelerator:
 
 
 class AccelerateEngine:
-    def __init__(self, plan: LaunchPlan, model: torch.nn.Module) -> None:
+    def __init__(self, plan: LaunchPlan, model: torch.nn.Module, groups: list[dict]) -> None:
         kwargs = plan.training.engine.accelerate
         self.accelerator = _accelerator(kwargs, plan)
         self.device = self.accelerator.device
         self.clip = plan.recipe.train.clip_grad_norm
-        groups = param_groups(model, plan.recipe.optim.weight_decay)
         optimizer = build_optimizer(plan, groups, plan.topology.device)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.module = self.accelerator.unwrap_model(self.model)

@@ -25,7 +25,6 @@ from launcher.engines.base import (
     module_grad_norms,
 )
 from launcher.engines.module_stats import partition_weights, weight_norms
-from launcher.models.build import param_groups
 from launcher.plan import LaunchPlan
 
 log = logging.getLogger(__name__)
@@ -34,13 +33,18 @@ log = logging.getLogger(__name__)
 _TAG = "deepspeed"
 
 
+def _full_grad(param: torch.nn.Parameter) -> torch.Tensor | None:
+    # A frozen parameter has no gradient, and under ZeRO-3 no optimizer to ask for one.
+    return safe_get_full_grad(param) if param.requires_grad else None
+
+
 class DeepSpeedEngine:
-    def __init__(self, plan: LaunchPlan, model: torch.nn.Module) -> None:
+    def __init__(self, plan: LaunchPlan, model: torch.nn.Module, groups: list[dict]) -> None:
         training = plan.training
         config = dict(training.engine.deepspeed)
-        groups = param_groups(model, plan.recipe.optim.weight_decay)
-        # Adam-family optimizers are built by DeepSpeed from the config; SGD has no
-        # config type there, so it is handed over ready-made.
+        # Adam-family optimizers are built by DeepSpeed from the config (its LR is every
+        # group's peak, which the LR schedule scales group by group); SGD has no config
+        # type there, so it is handed over ready-made.
         client_optimizer = None if "optimizer" in config else build_optimizer(
             plan, groups, plan.topology.device)
         self.engine, _, _, self.schedule = deepspeed.initialize(
@@ -73,7 +77,7 @@ class DeepSpeedEngine:
             self.engine.backward(loss)  # scales by 1/accumulation itself
             if module_norms and index == len(micro_batches) - 1:
                 # The full gradients exist between the last backward and the step.
-                modules = module_grad_norms(self.engine.module, safe_get_full_grad)
+                modules = module_grad_norms(self.engine.module, _full_grad)
             self.engine.step()
             total += loss.detach()
         norm = self.engine.get_global_grad_norm()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
@@ -69,14 +69,29 @@ def _check_kwargs(name: str, factory: Callable[..., Any], kwargs: dict[str, Any]
                          f"set it in model.kwargs", key="model.kwargs")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, lr_multipliers: Mapping[str, float] | None = None,
+                 start_steps: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
     """AdamW parameter groups, as nanoGPT: weight decay on matrices and embeddings
     (>= 2-D), which it regularises; none on biases and normalisation gains (1-D), which
-    set offsets and scales rather than model capacity."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    # Empty groups trip up some optimizer wrappers (DeepSpeed's ZeRO flattens each group).
-    return [g for g in groups if g["params"]]
+    set offsets and scales rather than model capacity.
+
+    Transfer learning splits them further, by each parameter's LR multiplier and the step
+    it starts training at (by name; absent: 1 and 0): a group other than the base one
+    carries its `lr_multiplier` and `start_step`, which LRSchedule applies."""
+    multipliers, starts = lr_multipliers or {}, start_steps or {}
+    groups: dict[tuple[float, float, bool], dict[str, Any]] = {}
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    for decays in (True, False):
+        for name, p in named:
+            if (p.dim() >= 2) != decays:
+                continue
+            multiplier, start = multipliers.get(name, 1.0), starts.get(name, 0)
+            group = groups.get((multiplier, start, decays))
+            if group is None:
+                group = {"params": [], "weight_decay": weight_decay if decays else 0.0}
+                group.update({"lr_multiplier": multiplier} if multiplier != 1.0 else {})
+                group.update({"start_step": start} if start else {})
+                groups[(multiplier, start, decays)] = group
+            group["params"].append(p)
+    # No empty groups: they trip up some optimizer wrappers (DeepSpeed's ZeRO flattens each group).
+    return list(groups.values())

@@ -113,3 +113,12 @@ def test_explain_reads_the_schema_docstrings():
     assert "sqrt" in text and "default: 'auto'" in text
     with pytest.raises(UsageError, match="did you mean 'optim.lr'"):
         explain("optim.lrr")
+
+
+def test_a_list_of_sections_is_explained_with_its_items_keys(tmp_path):
+    text = explain("model.unfreeze")
+    assert text.startswith("model.unfreeze: a list; each item has the keys below\n  Gradual unfreezing")
+    assert "\n  at_step: Optimizer step from which the parameters train" in text
+    recipe = "model:\n  freeze: [a.*]\n  unfreeze:\n    - {at_step: 3, patterns: [a.*], until: 9}\n"
+    message = error_of(write(tmp_path, recipe))
+    assert message == "error: model.unfreeze.0.until (line 4): unknown key; known keys: at_step, patterns"
