@@ -130,5 +130,5 @@ def test_a_tracking_uri_with_a_password_is_refused(tmp_path):
     recipe.write_text("logging:\n  mlflow:\n    tracking_uri: https://me:secret@mlflow.example\n")
     with pytest.raises(UsageError) as info:
         load_recipe(recipe)
-    assert str(info.value) == ("error: logging.mlflow.tracking_uri: a password here would be written to "
+    assert str(info.value) == ("error: logging.mlflow.tracking_uri (line 3): a password here would be written to "
                                "recipe.yaml and plan.json; give it in MLFLOW_TRACKING_PASSWORD instead")
