@@ -18,7 +18,7 @@ import statistics
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from launcher import checkpoint
 from launcher.engines.base import StepResult
@@ -55,6 +55,16 @@ class Alerts:
         self.recent: deque[float] = deque(maxlen=cfg.loss_spike.window)
         self.low_checks: dict[str, int] = {}
         self.skipped = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to go on alerting as the uninterrupted one would:
+        the loss window of the spike check and the vanishing-gradient counts."""
+        return {"recent": list(self.recent), "low_checks": dict(self.low_checks), "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.recent.extend(state["recent"])
+        self.low_checks.update(state["low_checks"])
+        self.skipped = state["skipped"]
 
     @property
     def skip_above(self) -> float | None:

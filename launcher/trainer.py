@@ -317,7 +317,7 @@ class Trainer:
     def _checkpoint(self) -> None:
         state = {"step": self.step, "best": self.best, "best_step": self.best_step,
                  "bad_evals": self.bad_evals, "stopped_early": self.stopped_early, "overflows": self.overflows,
-                 "schedule": self.engine.schedule.state_dict()}
+                 "schedule": self.engine.schedule.state_dict(), "alerts": self.alerts.state_dict()}
         path = checkpoint.save(self.run_dir, self.step, self.engine, state, self.cfg.keep_last)
         log.info("checkpoint %s", path.name)
 
@@ -329,7 +329,10 @@ class Trainer:
         self.engine.schedule.load_state_dict(state["schedule"])
         self.step, self.best, self.best_step = state["step"], state["best"], state["best_step"]
         self.bad_evals, self.stopped_early = state["bad_evals"], state["stopped_early"]
-        self.overflows = state.get("overflows", 0)  # absent from checkpoints of older versions
+        # Absent from the checkpoints of older versions:
+        self.overflows = state.get("overflows", 0)
+        if "alerts" in state:
+            self.alerts.load_state_dict(state["alerts"])
         self._record("resume", {"checkpoint": latest.name})
         log.info("resumed from %s at step %d", latest.name, self.step)
 

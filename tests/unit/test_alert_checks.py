@@ -78,3 +78,23 @@ def test_a_vanishing_module_alerts_once_per_episode(tmp_path):
     checks.check(6, 1.0, [], step(modules={"body": 1.0}))  # recovers
     again = [checks.check(i, 1.0, [], step(modules={"body": 0.0})) for i in range(7, 10)]
     assert [a.step for step_alerts in again for a in step_alerts] == [9]
+
+
+def test_a_restored_alerts_state_alerts_where_the_uninterrupted_run_would(tmp_path):
+    """A resumed run goes on with the checkpointed loss window and vanishing counts: the
+    module whose third low check comes at step 3 (two before the resume) and the spike at
+    step 6 (half its window before the resume) are caught as without a resume."""
+    cfg = {"loss_spike": {"window": 4}, "vanishing_grad": {"checks": 3}}
+    quiet = step(modules={"head": 0.0})
+    straight, before = alerts(tmp_path, **cfg), alerts(tmp_path, **cfg)
+    for s in (1, 2):
+        assert straight.check(s, 1.0, [], quiet) == [] and before.check(s, 1.0, [], quiet) == []
+    resumed = alerts(tmp_path, **cfg)
+    resumed.load_state_dict(json.loads(json.dumps(before.state_dict())))  # as trainer.json holds it
+    for s, loss in ((3, 1.0), (4, 1.0), (5, 1.0), (6, 9.0)):
+        expected = [(a.kind, a.step) for a in straight.check(s, loss, [], quiet)]
+        assert [(a.kind, a.step) for a in resumed.check(s, loss, [], quiet)] == expected
+        if s == 3:
+            assert expected == [("vanishing_grad", 3)]
+        if s == 6:
+            assert expected == [("loss_spike", 6)]
