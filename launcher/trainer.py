@@ -13,6 +13,7 @@ the step, so a resumed run sees exactly the batches the uninterrupted run would 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -21,6 +22,7 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -62,7 +64,11 @@ def create_engine(plan: LaunchPlan, model: torch.nn.Module, groups: list[dict]) 
     """Build the engine to train ``groups`` of ``model``'s parameters; this joins the
     process group."""
     if plan.training.engine.name == "deepspeed":
-        import deepspeed
+        # DeepSpeed's autotuner imports MLflow when it is installed, for its own logging,
+        # which dlaunch does not use: a second of start-up on every rank. MLflow stays
+        # importable for the MLflow sink.
+        with _hidden_module("mlflow"):
+            import deepspeed
 
         from launcher.engines.deepspeed import DeepSpeedEngine
 
@@ -71,6 +77,21 @@ def create_engine(plan: LaunchPlan, model: torch.nn.Module, groups: list[dict]) 
     from launcher.engines.accelerate import AccelerateEngine
 
     return AccelerateEngine(plan, model, groups)
+
+
+@contextlib.contextmanager
+def _hidden_module(name: str) -> Iterator[None]:
+    """Within the block, ``import name`` fails as if the module were not installed
+    (unless it is imported already); after it, the module imports as usual."""
+    if name in sys.modules:
+        yield
+        return
+    sys.modules[name] = None  # type: ignore[assignment]  # the import system's "not found"
+    try:
+        yield
+    finally:
+        if sys.modules.get(name, ...) is None:
+            del sys.modules[name]
 
 
 def collective_device(plan: LaunchPlan) -> torch.device:
