@@ -56,7 +56,7 @@ engine: {{name: {engine}, zero_stage: {stage}}}
 precision: {{dtype: fp32}}
 alerts: {alerts}
 train: {{micro_batch_size: 16, max_steps: 20, checkpoint_every: 4, eval_every: 4, early_stopping: {{patience: null}}}}
-logging: {{run_root: {root}, progress: false, log_every: 1}}
+logging: {{run_root: {root}, progress: false, report: false, log_every: 1}}
 """)
     result = dlaunch("run", str(recipe), "--procs-per-node", "2", cwd=tmp_path, env=env)
     return result, only_run_dir(root)

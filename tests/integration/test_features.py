@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 def run_recipe(tmp_path, body: str, *args: str):
     root = tmp_path / "runs"
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(body + f"logging: {{run_root: {root}, progress: false}}\n")
+    recipe.write_text(body + f"logging: {{run_root: {root}, progress: false, report: false}}\n")
     result = dlaunch("run", str(recipe), "--procs-per-node", "2", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     return only_run_dir(root)
@@ -128,7 +128,7 @@ model: {{target: "poisoned:build"}}
 data: {{source: synthetic, samples: 640, num_features: 16, num_classes: 4}}
 precision: {{dtype: fp32}}
 train: {{micro_batch_size: 16, max_steps: 20, checkpoint_every: 4, eval_every: 4}}
-logging: {{run_root: {root}, progress: false}}
+logging: {{run_root: {root}, progress: false, report: false}}
 """)
     result = dlaunch("run", str(recipe), "--procs-per-node", "2", cwd=tmp_path)
     assert result.returncode == 1

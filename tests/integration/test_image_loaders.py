@@ -22,7 +22,7 @@ engine: {{name: {engine}, zero_stage: {stage}}}
 precision: {{dtype: fp32}}
 train: {{micro_batch_size: 12, max_steps: {steps}, eval_every: 15, checkpoint_every: {checkpoint_every},
         early_stopping: {{patience: null}}}}
-logging: {{run_root: {root}, progress: false}}
+logging: {{run_root: {root}, progress: false, report: false}}
 """
 
 

@@ -15,7 +15,7 @@ EXAMPLES = {"digits-accelerate.yaml": 0.93, "tiny-gpt.yaml": 0.85}
 @pytest.mark.parametrize("recipe,accuracy", sorted(EXAMPLES.items()))
 def test_example_recipe_trains(tmp_path, recipe, accuracy):
     result = dlaunch("run", f"recipes/{recipe}", "--set", f"logging.run_root={tmp_path}",
-                     "--set", "logging.progress=false")
+                     "--set", "logging.progress=false", "--set", "logging.report=false")
     assert result.returncode == 0, result.stderr[-4000:]
     [summary] = metrics(only_run_dir(tmp_path), "summary")
     assert summary["val_acc"] >= accuracy

@@ -25,7 +25,7 @@ engine: {{name: {engine}, zero_stage: {stage}}}
 precision: {{dtype: fp32}}
 train: {{micro_batch_size: 8, grad_accum: 2, max_steps: 16, eval_every: 4, checkpoint_every: 4, keep_last: 2,
         early_stopping: {{patience: null}}}}
-logging: {{run_root: {root}, progress: false}}
+logging: {{run_root: {root}, progress: false, report: false}}
 """
 KILL_AFTER = 8
 

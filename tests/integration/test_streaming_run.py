@@ -23,7 +23,7 @@ data: {{source: parquet, path: {data}, streaming: true, val_fraction: 0.2}}
 optim: {{lr: 5.0e-3}}
 precision: {{dtype: fp32}}
 train: {{micro_batch_size: 16, max_steps: 24, eval_every: 6, checkpoint_every: 6, early_stopping: {{patience: null}}}}
-logging: {{run_root: {root}, progress: false}}
+logging: {{run_root: {root}, progress: false, report: false}}
 """
 
 

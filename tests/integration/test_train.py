@@ -39,6 +39,7 @@ train:
 logging:
   run_root: {root}
   progress: false
+  report: false
 """
 
 
@@ -115,7 +116,7 @@ model: {{name: gpt, kwargs: {{n_layer: 1, n_head: 2, n_embd: 32}}}}
 data: {{source: synthetic, kind: tokens, samples: 512, seq_len: 16, vocab_size: 32}}
 optim: {{lr: 1.0e-2}}
 train: {{micro_batch_size: 16, max_steps: 60, eval_every: 30}}
-logging: {{run_root: {root}, progress: false, peak_tflops: 2.0}}
+logging: {{run_root: {root}, progress: false, report: false, peak_tflops: 2.0}}
 """)
     result = dlaunch("run", str(recipe), "--procs-per-node", "2")
     assert result.returncode == 0, result.stderr[-4000:]
@@ -142,7 +143,7 @@ optim: {{lr: 5.0e-3}}
 engine: {{name: accelerate}}
 precision: {{dtype: fp32}}
 train: {{micro_batch_size: 16, max_steps: 40}}
-logging: {{run_root: {root}, progress: false}}
+logging: {{run_root: {root}, progress: false, report: false}}
 """)
     result = dlaunch("run", str(recipe), "--procs-per-node", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]

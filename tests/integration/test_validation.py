@@ -24,7 +24,7 @@ optim: {{lr: 1.0e-2}}
 engine: {{name: accelerate}}
 precision: {{dtype: fp32}}  # as `dlaunch eval` scores: its losses equal the run's own
 train: {{micro_batch_size: 16, max_steps: 15, early_stopping: {{patience: null}}}}
-logging: {{run_root: {root}, progress: false}}
+logging: {{run_root: {root}, progress: false, report: false}}
 """
 
 

@@ -26,7 +26,7 @@ optim: {{lr: 1.0e-2}}
 engine: {{name: {engine}, zero_stage: {stage}}}
 precision: {{dtype: {dtype}}}
 train: {{micro_batch_size: 8, max_steps: {steps}, eval_every: 5, early_stopping: {{patience: null}}}}
-logging: {{run_root: {root}, log_every: 1, progress: false}}
+logging: {{run_root: {root}, log_every: 1, progress: false, report: false}}
 """
 
 

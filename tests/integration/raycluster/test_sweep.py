@@ -29,7 +29,7 @@ engine: {{name: accelerate}}
 precision: {{dtype: fp32}}
 train: {{micro_batch_size: 8, max_steps: {steps}, eval_every: {eval_every}, early_stopping: {{patience: null}},
         monitor: val_acc}}
-logging: {{run_root: {root}, progress: false, tensorboard: false}}
+logging: {{run_root: {root}, progress: false, report: false, tensorboard: false}}
 sweep:
   metric: val_acc
   num_samples: 1

@@ -174,7 +174,7 @@ data: {source: synthetic, samples: 480, num_features: 8, num_classes: 3, val_fra
 engine: {name: accelerate}
 precision: {dtype: fp32}
 train: {micro_batch_size: 8, max_steps: 40, eval_every: 10, early_stopping: {patience: null}}
-logging: {progress: false, tensorboard: false}
+logging: {progress: false, report: false, tensorboard: false}
 cluster:
   slurm: {time: "00:10:00", requeue: false}
 sweep:

@@ -64,7 +64,7 @@ def local_run(tmp_path, recipe: str, *args: str) -> Path:
 def test_quickstart_as_slurm_job_matches_the_local_backend(slurm_cluster, tmp_path, nodes, procs, engine):
     recipe = "recipes/quickstart.yaml"
     common = ("--nodes", str(nodes), "--procs-per-node", str(procs), "--set", "train.epochs=2",
-              "--set", "logging.progress=false", *engine)
+              "--set", "logging.progress=false", "--set", "logging.report=false", *engine)
     job_id = submit(slurm_cluster, recipe, "--set", f"logging.run_root={tmp_path / 'slurm'}", *common)
     assert wait_for(slurm_cluster, job_id) == "COMPLETED"
     on_slurm = only_run_dir(tmp_path / "slurm")
@@ -169,7 +169,7 @@ engine: {{name: deepspeed, zero_stage: 2}}
 precision: {{dtype: fp32}}
 train: {{micro_batch_size: 16, max_steps: 900, eval_every: 300, checkpoint_every: 300,
         early_stopping: {{patience: null}}}}
-logging: {{run_root: {root}, progress: false, log_every: 5}}
+logging: {{run_root: {root}, progress: false, report: false, log_every: 5}}
 """
 
 
