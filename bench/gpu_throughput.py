@@ -80,8 +80,10 @@ def dlaunch_rates(args: argparse.Namespace, root: Path) -> list[dict]:
     return [r for r in records if r["kind"] == "train" and r["step"] > args.warmup]
 
 
-def hand_written(args: argparse.Namespace) -> dict[str, float]:
-    """nanoGPT's loop on the same model and batch: steady-state samples/s."""
+def hand_written(args: argparse.Namespace, sync: str = "none") -> dict[str, float]:
+    """nanoGPT's loop on the same model and batch: steady-state samples/s. sync "item"
+    reads the loss and gradient norm back every step; "gather" all-gathers them first (a
+    process group must exist), as the trainer's _share_step does."""
     torch.manual_seed(0)
     model = GPT([args.seq], VOCAB, n_layer=args.layers, n_head=args.heads, n_embd=args.embd).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
@@ -94,9 +96,16 @@ def hand_written(args: argparse.Namespace) -> dict[str, float]:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = loss_fn(model(inputs), targets)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if sync != "none":
+            shared = torch.stack([loss.detach().float(), norm.float()])
+            if sync == "gather":
+                gathered = [torch.zeros_like(shared)]
+                torch.distributed.all_gather(gathered, shared)
+                shared = gathered[0]
+            shared.tolist()
     torch.cuda.synchronize()
     samples_per_s = (args.steps - args.warmup) * args.batch / (time.perf_counter() - started)
     return {"samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * args.seq}
