@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from launcher.engines.base import Engine
+from launcher.faults import Faults
 from launcher.rundir import CHECKPOINTS, write_atomic
 
 LATEST = "latest"
@@ -71,7 +72,7 @@ def latest(run_dir: str | Path) -> Path | None:
 
 
 def save(run_dir: str | Path, step: int, engine: Engine, trainer_state: dict[str, Any],
-         keep_last: int) -> Path:
+         keep_last: int, faults: Faults | None = None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint's final path."""
     root = Path(run_dir) / CHECKPOINTS
     final = root / _name(step)
@@ -83,6 +84,8 @@ def save(run_dir: str | Path, step: int, engine: Engine, trainer_state: dict[str
     dist.barrier()
     engine.save(staging / "engine")
     torch.save(rng_state(), staging / "rng" / f"rank-{rank}.pt")
+    if faults is not None:
+        faults.in_checkpoint(step)
     dist.barrier()
     if rank == 0:
         (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))

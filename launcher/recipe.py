@@ -305,7 +305,16 @@ class TrainConfig(Section):
     checkpoint_every: int | None = Field(default=None, gt=0)
     """Checkpoint every N optimizer steps; default: at every evaluation."""
     keep_last: int = Field(default=3, ge=1)
-    """Checkpoints to keep; older ones are deleted once a newer one is complete."""
+    """Checkpoints to keep; older ones are deleted once a newer one is complete (the
+    newest one that verifies is never deleted)."""
+    max_restarts: int = Field(default=0, ge=0)
+    """Times the job restarts after a rank or a node agent dies (killed, out of memory,
+    an exception, a hang), each time resuming from the latest good checkpoint; as
+    torchrun's --max-restarts, for the whole job. 0: the first failure ends the run."""
+    hang_timeout: int = Field(default=600, gt=0)
+    """Seconds a rank may wait in one phase of a step (loading its batch, the step and
+    its collectives, an evaluation, a checkpoint) before the run is declared hung and
+    ends, naming the ranks that did not arrive; far sooner than NCCL's watchdog."""
     monitor: str = "val_loss"
     """Metric that early stopping, reduce-on-plateau and `best` follow: val_loss or
     val_acc."""

@@ -13,7 +13,7 @@ RUN_DIR/
   checkpoints/      step-XXXXXXXX/ directories and the `latest` pointer
   logs/rank-N.log   each rank's log; rank-N.status its last known state;
                     rank-N.lock held while the rank's process lives; rank-N.host
-                    the host it runs on
+                    the host it runs on; rank-N.progress the step and phase it is in
   slurm/            job.sbatch as submitted and job_id (Slurm jobs)
   ray/job.json      the Ray cluster, job id and state (Ray jobs); ray/driver.lock is
                     held while the process driving the job lives
@@ -75,6 +75,12 @@ def rank_lock(run_dir: str | Path, rank: int) -> Path:
     """POSIX-locked by the rank's process for as long as it lives, so that a launcher on
     the same host sees the moment a rank dies, even one killed too hard to say so."""
     return Path(run_dir) / LOGS / f"rank-{rank}.lock"
+
+
+def rank_progress(run_dir: str | Path, rank: int) -> Path:
+    """`STEP PHASE`: the step a rank of the built-in trainer is in and what it is doing
+    there (launcher/progress.py); the file's mtime says since when."""
+    return Path(run_dir) / LOGS / f"rank-{rank}.progress"
 
 
 ENGINE_CONFIG = {"deepspeed": "ds_config.json", "accelerate": "accelerate.json"}

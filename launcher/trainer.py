@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import random
-import signal
 import sys
 import time
 import warnings
@@ -38,21 +37,16 @@ from launcher.data.loaders import Batch, eval_batches, train_batches
 from launcher.data.stream_rows import streamed_split
 from launcher.engines.base import Engine, StepResult, monitor_mode, sample_scores
 from launcher.engines.module_stats import ActivationRecorder, recording_activations
+from launcher.faults import Faults
 from launcher.flops import Throughput, peak_flops, training_flops_per_sample
 from launcher.models.build import build_model
 from launcher.models.transfer import Transfer, load_initial_weights
 from launcher.monitor import MetricsLog, Progress
 from launcher.plan import LaunchPlan
+from launcher.progress import RankProgress
 from launcher.snapshots import SnapshotWriter
 
 log = logging.getLogger("launcher.trainer")
-
-# Fault injection for the resume and reliability tests: after finishing step K (and
-# its checkpoint, if one is due) the chosen rank kills itself with SIGKILL, exactly
-# as the OOM killer or a lost node would.
-KILL_AT_STEP = "DLAUNCH_FAULT_KILL_AT_STEP"
-KILL_RANK = "DLAUNCH_FAULT_KILL_RANK"
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -189,8 +183,8 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.metrics = MetricsLog(plan) if self.rank == 0 else None
         self.snapshots = SnapshotWriter(self.run_dir, self.steps.snapshots, self.rank)
-        kill_at = os.environ.get(KILL_AT_STEP)
-        self.kill_at = int(kill_at) if kill_at and int(os.environ.get(KILL_RANK, "0")) == self.rank else None
+        self.progress = RankProgress(self.run_dir, self.rank)
+        self.faults = Faults.from_env(self.rank)
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -205,6 +199,7 @@ class Trainer:
             raise
 
     def _fit(self) -> None:
+        self.progress.mark(self.step + 1, "start")
         self._resume()
         self.snapshots.forget_after(self.step)  # those past the checkpoint come again
         total, per_epoch, accum = self.steps.total, self.steps.per_epoch, self.batch.grad_accum
@@ -218,14 +213,19 @@ class Trainer:
             batches = iter(self.batches)
             for _ in range(step_in_epoch, per_epoch):
                 logged = (self.step + 1) % self.steps.log_every == 0 or self.step + 1 == total
+                self.progress.mark(self.step + 1, "data")
+                self.faults.hang(self.step + 1, "data")
                 micro_batches = [mix_micro_batch(next(batches), self.plan, rank=self.rank, step=self.step, micro=k)
                                  for k in range(accum)]
+                self.progress.mark(self.step + 1, "compute")
                 with recording_activations(self.engine.module, logged and logging_cfg.activation_stats) as acts:
                     result = self.engine.train_step(micro_batches, skip_above=self.alerts.skip_above,
                                                     module_norms=logged and logging_cfg.module_grad_norms)
                 result = self._without_held_modules(result)
                 self.step += 1
                 self.overflows += result.overflow
+                self.faults.hang(self.step, "collective")
+                self.progress.mark(self.step, "collective")
                 loss, bad_ranks, preempted = self._share_step(result.loss)
                 self.alerts.check(self.step, loss, bad_ranks, result)  # raises on a stop policy
                 window_steps += 1
@@ -241,21 +241,24 @@ class Trainer:
                     window_start, window_steps = time.perf_counter(), 0
                 if (self.step % self.steps.eval_every == 0 or self.step == total
                         or self.snapshots.at_cycle_end(self.step)):  # every snapshot with its scores
+                    self.progress.mark(self.step, "eval")
                     self._evaluate()
                 if self.snapshots.due(self.step, self.stopped_early):  # before the checkpoint of its step
+                    self.progress.mark(self.step, "snapshot")
                     self.snapshots.save(self.step, self.engine, self.last_eval)
                 if (self.step % self.steps.checkpoint_every == 0 or self.step == total
                         or self.stopped_early or preempted):
+                    self.progress.mark(self.step, "checkpoint")
                     self._checkpoint()
                 if preempted and self.step < total and not self.stopped_early:
                     self._record("preempted", {"slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                                                "restart_count": os.environ.get("SLURM_RESTART_COUNT", "0")})
                     raise preemption.Preempted(f"checkpoint step-{self.step:08d}")
-                if self.step == self.kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                self.faults.after_step(self.step)
                 if self.step == total or self.stopped_early:
                     break
         progress.close()
+        self.progress.mark(self.step, "finish")
         self._finish(time.perf_counter() - started, self.step - first_step)
 
     # -- pieces of a step -------------------------------------------------------------
@@ -339,7 +342,7 @@ class Trainer:
         state = {"step": self.step, "best": self.best, "best_step": self.best_step,
                  "bad_evals": self.bad_evals, "stopped_early": self.stopped_early, "overflows": self.overflows,
                  "schedule": self.engine.schedule.state_dict(), "alerts": self.alerts.state_dict()}
-        path = checkpoint.save(self.run_dir, self.step, self.engine, state, self.cfg.keep_last)
+        path = checkpoint.save(self.run_dir, self.step, self.engine, state, self.cfg.keep_last, self.faults)
         log.info("checkpoint %s", path.name)
 
     def _resume(self) -> None:

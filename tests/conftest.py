@@ -98,6 +98,11 @@ def metrics(run_dir: Path, kind: str | None = None) -> list[dict]:
     return [r for r in records if kind is None or r["kind"] == kind]
 
 
+def kill_after(step: int, rank: int = 0) -> dict[str, str]:
+    """The environment that has ``rank`` SIGKILLed after step ``step`` (launcher/faults.py)."""
+    return {"DLAUNCH_FAULTS": json.dumps([{"kind": "kill", "rank": rank, "step": step}])}
+
+
 def resume_to_identical_weights(run_dir: Path, straight_dir: Path, killed_after: int) -> None:
     """`dlaunch run --resume` of the killed run in ``run_dir``: it continues from step
     ``killed_after`` and ends with the weights of the uninterrupted run in ``straight_dir``."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from launcher.data.pattern_images import write_pattern_images
-from tests.conftest import dlaunch, metrics, only_run_dir, resume_to_identical_weights
+from tests.conftest import dlaunch, kill_after, metrics, only_run_dir, resume_to_identical_weights
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +70,7 @@ def test_a_killed_image_run_resumes_mid_epoch_to_identical_weights(tmp_path, ima
     data = ", num_workers: 1" if loader == "torch" else ""
     straight, straight_dir = run(tmp_path, images, "straight", loader=loader, steps=14, data=data)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    env = {"DLAUNCH_FAULT_KILL_AT_STEP": "9"}
+    env = kill_after(9)
     killed, run_dir = run(tmp_path, images, "resumed", loader=loader, steps=14, data=data, checkpoint_every=3,
                           env=env)
     assert killed.returncode != 0

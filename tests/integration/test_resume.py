@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import dlaunch, metrics, only_run_dir
+from tests.conftest import dlaunch, kill_after, metrics, only_run_dir
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,7 @@ def test_killed_and_resumed_run_ends_with_identical_weights(tmp_path, engine, st
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     killed, run_dir = run(tmp_path, "resumed", engine, stage,
-                          env={"DLAUNCH_FAULT_KILL_AT_STEP": str(KILL_AFTER)})
+                          env=kill_after(KILL_AFTER))
     assert killed.returncode != 0
     assert "rank 0" in killed.stderr
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{KILL_AFTER:08d}"
@@ -66,7 +66,7 @@ def test_killed_and_resumed_run_ends_with_identical_weights(tmp_path, engine, st
 
 def test_resume_without_a_checkpoint_starts_from_step_zero_and_finishes(tmp_path):
     """A run killed before its first checkpoint has nothing to resume: it starts over."""
-    killed, run_dir = run(tmp_path, "early", "deepspeed", 2, env={"DLAUNCH_FAULT_KILL_AT_STEP": "2"})
+    killed, run_dir = run(tmp_path, "early", "deepspeed", 2, env=kill_after(2))
     assert killed.returncode != 0
     assert not (run_dir / "checkpoints" / "latest").exists()
     resumed = dlaunch("run", "--resume", str(run_dir))

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from tests.conftest import dlaunch, metrics, only_run_dir, resume_to_identical_weights
+from tests.conftest import dlaunch, kill_after, metrics, only_run_dir, resume_to_identical_weights
 
 pytestmark = pytest.mark.integration
 
@@ -127,7 +127,7 @@ def test_eval_ensemble_of_a_run_without_snapshots_is_one_error_line(straight_dir
 
 
 def test_a_killed_and_resumed_run_ends_with_the_uninterrupted_runs_snapshots(straight_dir, tmp_path):
-    killed, run_dir = train(tmp_path, "killed", env={"DLAUNCH_FAULT_KILL_AT_STEP": str(KILL_AFTER)})
+    killed, run_dir = train(tmp_path, "killed", env=kill_after(KILL_AFTER))
     assert killed.returncode != 0
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{RESUMED_FROM:08d}"
     folder = run_dir / "snapshots"

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import dlaunch, metrics, only_run_dir, resume_to_identical_weights
+from tests.conftest import dlaunch, kill_after, metrics, only_run_dir, resume_to_identical_weights
 
 pytestmark = pytest.mark.integration
 
@@ -71,6 +71,6 @@ def test_a_killed_streamed_run_resumes_to_identical_weights(tmp_path, data):
     # 512 training rows, about 256 a rank: 15 steps of 32 an epoch; killed after step 18, in epoch 1.
     straight, straight_dir = run(tmp_path, data, "straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
-    killed, run_dir = run(tmp_path, data, "resumed", env={"DLAUNCH_FAULT_KILL_AT_STEP": "18"})
+    killed, run_dir = run(tmp_path, data, "resumed", env=kill_after(18))
     assert killed.returncode != 0
     resume_to_identical_weights(run_dir, straight_dir, killed_after=18)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import dlaunch, metrics, only_run_dir, resume_to_identical_weights
+from tests.conftest import dlaunch, kill_after, metrics, only_run_dir, resume_to_identical_weights
 
 pytestmark = pytest.mark.integration
 
@@ -167,7 +167,7 @@ def test_a_run_killed_at_its_unfreeze_step_resumes_to_the_same_weights_without_i
     recipe = run.recipe.read_text().replace(str(run.run_dir.parent), str(killed_root))
     (tmp_path / "killed.yaml").write_text(recipe)
     killed = dlaunch("run", str(tmp_path / "killed.yaml"), "--procs-per-node", "2",
-                     env={"DLAUNCH_FAULT_KILL_AT_STEP": str(UNFREEZE_AT)})
+                     env=kill_after(UNFREEZE_AT))
     assert killed.returncode != 0
     shutil.rmtree(run.init_from)
     resume_to_identical_weights(only_run_dir(killed_root), run.run_dir, UNFREEZE_AT)
