@@ -1,6 +1,6 @@
 """The training loop every rank runs: read it top to bottom.
 
-    resume from the latest checkpoint, if the run has one
+    resume from the newest checkpoint that verifies, if the run has one
     for each optimizer step:
         the step's micro-batches -> engine.train_step (accumulation, clipping, step)
         gather the loss of every rank (the NaN/Inf guard, and the logged loss)
