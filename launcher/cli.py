@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--script", help="a torchrun-style training script to launch instead "
                                               "of the built-in trainer")
         command.add_argument("--resume", metavar="RUN_DIR",
-                             help="continue the run in RUN_DIR from its latest checkpoint")
+                             help="continue the run in RUN_DIR from its newest checkpoint that verifies")
         command.add_argument("--dry-run", action="store_true",
                              help="Slurm: print the sbatch script instead of submitting it")
         command.add_argument("--dependency", metavar="SPEC",

@@ -10,7 +10,8 @@ RUN_DIR/
   tb/               TensorBoard event files
   mlflow.json       the MLflow run this run logs to (logging.mlflow); wandb/ its
                     W&B run (logging.wandb)
-  checkpoints/      step-XXXXXXXX/ directories and the `latest` pointer
+  checkpoints/      step-XXXXXXXX/ directories, each with its manifest.json, and the
+                    `latest` pointer (launcher/checkpoint.py)
   logs/rank-N.log   each rank's log; rank-N.status its last known state;
                     rank-N.lock held while the rank's process lives; rank-N.host
                     the host it runs on; rank-N.progress the step and phase it is in

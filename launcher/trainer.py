@@ -1,6 +1,6 @@
 """The training loop every rank runs: read it top to bottom.
 
-    resume from the latest checkpoint, if the run has one
+    resume from the newest checkpoint that verifies, if the run has one
     for each optimizer step:
         the step's micro-batches -> engine.train_step (accumulation, clipping, step)
         gather the loss of every rank (the NaN/Inf guard, and the logged loss)
@@ -346,10 +346,20 @@ class Trainer:
         log.info("checkpoint %s", path.name)
 
     def _resume(self) -> None:
-        latest = checkpoint.latest(self.run_dir)
-        if latest is None:
+        choice = self._checkpoint_choice()
+        resuming_from = choice.checkpoint.name if choice.checkpoint else None
+        for rejected in choice.rejected:
+            self._record("checkpoint_rejected", {"checkpoint": rejected.checkpoint.name,
+                                                 "problems": list(rejected.problems), "resuming_from": resuming_from})
+        if self.rank == 0:
+            for line in choice.warnings():
+                log.warning(line)
+                print(f"dlaunch: {line}", file=sys.stderr)
+        if choice.checkpoint is None:
+            if choice.rejected:  # starting over from step 0 would hide the loss of the run so far
+                raise checkpoint.NoGoodCheckpoint(choice.error())
             return
-        state = checkpoint.load(latest, self.engine)
+        state = checkpoint.load(choice.checkpoint, self.engine)
         self.engine.schedule.load_state_dict(state["schedule"])
         self.step, self.best, self.best_step = state["step"], state["best"], state["best_step"]
         self.bad_evals, self.stopped_early = state["bad_evals"], state["stopped_early"]
@@ -357,8 +367,15 @@ class Trainer:
         self.overflows = state.get("overflows", 0)
         if "alerts" in state:
             self.alerts.load_state_dict(state["alerts"])
-        self._record("resume", {"checkpoint": latest.name})
-        log.info("resumed from %s at step %d", latest.name, self.step)
+        self._record("resume", {"checkpoint": resuming_from})
+        log.info("resumed from %s at step %d", resuming_from, self.step)
+
+    def _checkpoint_choice(self) -> checkpoint.Choice:
+        """Rank 0 verifies the checkpoints (one reader of the shared files, not one a
+        rank) and tells every rank its choice, so that all load the same one."""
+        choice = [checkpoint.choose(self.run_dir) if self.rank == 0 else None]
+        dist.broadcast_object_list(choice, src=0, device=collective_device(self.plan))
+        return choice[0]
 
     def _record(self, kind: str, values: dict) -> None:
         if self.metrics is not None:

@@ -103,9 +103,11 @@ def kill_after(step: int, rank: int = 0) -> dict[str, str]:
     return {"DLAUNCH_FAULTS": json.dumps([{"kind": "kill", "rank": rank, "step": step}])}
 
 
-def resume_to_identical_weights(run_dir: Path, straight_dir: Path, killed_after: int) -> None:
+def resume_to_identical_weights(run_dir: Path, straight_dir: Path,
+                                killed_after: int) -> subprocess.CompletedProcess:
     """`dlaunch run --resume` of the killed run in ``run_dir``: it continues from step
-    ``killed_after`` and ends with the weights of the uninterrupted run in ``straight_dir``."""
+    ``killed_after`` and ends with the weights of the uninterrupted run in ``straight_dir``.
+    Returns the resumed run's process, for what it printed."""
     import torch
 
     resumed = dlaunch("run", "--resume", str(run_dir))
@@ -115,6 +117,7 @@ def resume_to_identical_weights(run_dir: Path, straight_dir: Path, killed_after:
     assert expected.keys() == actual.keys()
     for name in expected:
         assert torch.equal(expected[name], actual[name]), f"{name} differs after resume"
+    return resumed
 
 
 @pytest.fixture

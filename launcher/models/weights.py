@@ -2,10 +2,11 @@
 names and shapes (``read_shapes``, cheap: no tensor data is read where the format allows)
 and the weights themselves in float32 (``read_weights``).
 
-A run directory gives its final weights, model.pt. A checkpoint gives what its engine
-saved: DeepSpeed ZeRO 1-3 the fp32 master weights, reassembled from every rank's
-partition by DeepSpeed's own zero_to_fp32; a stage-0 DeepSpeed checkpoint the module's
-weights in the training precision (as model.pt holds them); Accelerate its model file.
+A run directory gives its final weights, model.pt. A checkpoint, once its files match
+its manifest (launcher/manifest.py), gives what its engine saved: DeepSpeed ZeRO 1-3
+the fp32 master weights, reassembled from every rank's partition by DeepSpeed's own
+zero_to_fp32; a stage-0 DeepSpeed checkpoint the module's weights in the training
+precision (as model.pt holds them); Accelerate its model file.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.errors import UsageError
+from launcher.manifest import MANIFEST, verify
 from launcher.models.facts import WeightsSource
 from launcher.rundir import CHECKPOINTS, PLAN
 
@@ -45,7 +47,7 @@ def resolve(path: str) -> WeightsSource:
                                  f"finished; give one of its checkpoints ({CHECKPOINTS}/step-N)", key=KEY)
             return WeightsSource(str(weights), "torch")
         if where.parent.name == CHECKPOINTS and (where / "engine").is_dir():
-            return _checkpoint_weights(where / "engine", path)
+            return _checkpoint_weights(_verified(where, path) / "engine", path)
         raise UsageError(f"{path!r} is neither a dlaunch run directory (it has no {PLAN}) nor one "
                          f"of its checkpoints ({CHECKPOINTS}/step-N)", key=KEY)
     if not where.is_file():
@@ -56,6 +58,20 @@ def resolve(path: str) -> WeightsSource:
         return WeightsSource(str(where), "torch")
     raise UsageError(f"{path!r} is not a weights file dlaunch reads: {', '.join(TORCH_SUFFIXES)} "
                      "(a torch state dict) or .safetensors", key=KEY)
+
+
+def _verified(checkpoint: Path, path: str) -> Path:
+    """``checkpoint``, if it is a complete one whose files match its manifest."""
+    if checkpoint.name.startswith("."):
+        raise UsageError(f"{path!r} is a checkpoint still being written, or one a crash cut short; give "
+                         f"a complete one ({CHECKPOINTS}/step-N)", key=KEY)
+    # One an older dlaunch wrote has no manifest: its weights are read as they are, as
+    # a resume loads it (launcher/manifest.py, `loadable`).
+    problems = verify(checkpoint) if (checkpoint / MANIFEST).exists() else []
+    if problems:
+        raise UsageError(f"checkpoint {path!r} is corrupt: {', '.join(problems)}; give another of its "
+                         "run's checkpoints, or its model.pt", key=KEY)
+    return checkpoint
 
 
 def _checkpoint_weights(engine: Path, path: str) -> WeightsSource:

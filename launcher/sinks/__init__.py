@@ -30,7 +30,8 @@ class Sink(Protocol):
         """The run (re)starts: its hyperparameters and its recipe.yaml."""
 
     def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
-        """One record: kind train, eval, summary, resume, early_stop or preempted."""
+        """One record: kind train, eval, summary, resume, checkpoint_rejected, early_stop or
+        preempted."""
 
     def close(self, status: Status) -> None:
         """The run ended (on this process: a resumed run starts again)."""
