@@ -33,7 +33,8 @@ class Position(NamedTuple):
 
 class RankProgress:
     """This rank's progress file. A rename, not an fsync: a reader on another node
-    sees the old line or the new, and a lost line after a crash costs nothing."""
+    sees the old line or the new (or, for the instant between the unlink and the rename,
+    none), and a lost line after a crash costs nothing."""
 
     def __init__(self, run_dir: str | Path, rank: int) -> None:
         self.path = rank_progress(run_dir, rank)
@@ -41,7 +42,10 @@ class RankProgress:
 
     def mark(self, step: int, phase: Phase) -> None:
         self.temporary.write_text(f"{step} {phase}\n")
-        os.replace(self.temporary, self.path)
+        # Not os.replace: renamed over an existing file, ext4 (auto_da_alloc) writes the
+        # new one out before the rename returns, about 1.5 ms a mark, 10 ms a step.
+        self.path.unlink(missing_ok=True)
+        os.rename(self.temporary, self.path)
 
 
 def read_position(run_dir: str | Path, rank: int) -> Position | None:
