@@ -312,9 +312,17 @@ class TrainConfig(Section):
     an exception, a hang), each time resuming from the latest good checkpoint; as
     torchrun's --max-restarts, for the whole job. 0: the first failure ends the run."""
     hang_timeout: int = Field(default=600, gt=0)
-    """Seconds a rank may wait in one phase of a step (loading its batch, the step and
-    its collectives, an evaluation, a checkpoint) before the run is declared hung and
-    ends, naming the ranks that did not arrive; far sooner than NCCL's watchdog."""
+    """Seconds a rank may spend in one phase (loading a batch, the step and its
+    collectives, an evaluation, a checkpoint, the final gather and save) before the run
+    is declared hung and ends, naming the ranks that did not arrive and where they are
+    (a restart follows, if train.max_restarts allows); far sooner than NCCL's watchdog.
+    Keep it above the longest evaluation or checkpoint write. The process group's own
+    timeout is set 60 s above it and train.start_timeout. The built-in trainer's only:
+    a --script has no watchdog."""
+    start_timeout: int | None = Field(default=None, gt=0)
+    """As train.hang_timeout, for the start: joining the process group, the engine's
+    set-up (ZeRO-3 partitioning, compilation), a resume. It often takes longer than any
+    step (as torchtitan's init_timeout_seconds). Default: train.hang_timeout."""
     monitor: str = "val_loss"
     """Metric that early stopping, reduce-on-plateau and `best` follow: val_loss or
     val_acc."""

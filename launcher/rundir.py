@@ -15,6 +15,7 @@ RUN_DIR/
   logs/rank-N.log   each rank's log; rank-N.status its last known state;
                     rank-N.lock held while the rank's process lives; rank-N.host
                     the host it runs on; rank-N.progress the step and phase it is in
+                    hang-verdict why the run was declared hung (train.hang_timeout)
   slurm/            job.sbatch as submitted and job_id (Slurm jobs)
   ray/job.json      the Ray cluster, job id and state (Ray jobs); ray/driver.lock is
                     held while the process driving the job lives
@@ -82,6 +83,12 @@ def rank_progress(run_dir: str | Path, rank: int) -> Path:
     """`STEP PHASE`: the step a rank of the built-in trainer is in and what it is doing
     there (launcher/progress.py); the file's mtime says since when."""
     return Path(run_dir) / LOGS / f"rank-{rank}.progress"
+
+
+def hang_verdict(run_dir: str | Path) -> Path:
+    """One line: which ranks did not arrive where (launcher/watchdog.py), written by the
+    first rank whose watchdog fires; every rank of the attempt then reports that line."""
+    return Path(run_dir) / LOGS / "hang-verdict"
 
 
 ENGINE_CONFIG = {"deepspeed": "ds_config.json", "accelerate": "accelerate.json"}

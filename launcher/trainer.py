@@ -45,6 +45,7 @@ from launcher.monitor import MetricsLog, Progress
 from launcher.plan import LaunchPlan
 from launcher.progress import RankProgress
 from launcher.snapshots import SnapshotWriter
+from launcher.watchdog import Watchdog, process_group_timeout
 
 log = logging.getLogger("launcher.trainer")
 
@@ -66,7 +67,8 @@ def create_engine(plan: LaunchPlan, model: torch.nn.Module, groups: list[dict]) 
 
         from launcher.engines.deepspeed import DeepSpeedEngine
 
-        deepspeed.init_distributed(dist_backend=plan.topology.dist_backend)
+        deepspeed.init_distributed(dist_backend=plan.topology.dist_backend,
+                                   timeout=process_group_timeout(plan))
         return DeepSpeedEngine(plan, model, groups)
     from launcher.engines.accelerate import AccelerateEngine
 
@@ -95,10 +97,17 @@ def collective_device(plan: LaunchPlan) -> torch.device:
 
 
 def run_training(plan: LaunchPlan) -> None:
+    rank = int(os.environ["RANK"])  # torchrun's: the process group does not exist yet
+    progress = RankProgress(plan.run_dir, rank)
+    progress.clear()
     split, model, transfer = load_data_and_model(plan)
     throughput = _throughput(plan, model)  # counted on the whole model, before ZeRO-3 shards it
-    engine, split = start_engine(plan, model, transfer, split)
-    Trainer(plan, engine, split, throughput, transfer).fit()
+    with Watchdog(plan, rank, progress):
+        # From here on ranks wait for each other: the process group, the engine's first
+        # broadcasts, a resume.
+        progress.mark(1, "start")
+        engine, split = start_engine(plan, model, transfer, split)
+        Trainer(plan, engine, split, throughput, transfer, progress).fit()
 
 
 def load_data_and_model(plan: LaunchPlan) -> tuple[Split | None, torch.nn.Module, Transfer]:
@@ -158,7 +167,7 @@ def _throughput(plan: LaunchPlan, model: torch.nn.Module) -> Throughput:
 
 class Trainer:
     def __init__(self, plan: LaunchPlan, engine: Engine, split: Split, throughput: Throughput,
-                 transfer: Transfer) -> None:
+                 transfer: Transfer, progress: RankProgress) -> None:
         self.plan = plan
         self.engine = engine
         self.throughput = throughput
@@ -183,7 +192,7 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.metrics = MetricsLog(plan) if self.rank == 0 else None
         self.snapshots = SnapshotWriter(self.run_dir, self.steps.snapshots, self.rank)
-        self.progress = RankProgress(self.run_dir, self.rank)
+        self.progress = progress
         self.faults = Faults.from_env(self.rank)
 
     # -- the loop ---------------------------------------------------------------------

@@ -14,7 +14,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, FullyShardedDataParallelPlugin, GradScalerKwargs
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    FullyShardedDataParallelPlugin,
+    GradScalerKwargs,
+    InitProcessGroupKwargs,
+)
 
 from launcher.engines.base import (
     Batch,
@@ -26,6 +31,7 @@ from launcher.engines.base import (
 )
 from launcher.engines.module_stats import weight_norms
 from launcher.plan import LaunchPlan
+from launcher.watchdog import process_group_timeout
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,9 @@ def _accelerator(kwargs: dict, plan: LaunchPlan) -> Accelerator:
         # rather than erroring when a parameter gets no gradient.
         kwargs_handlers=[DistributedDataParallelKwargs(
             find_unused_parameters=plan.recipe.model.target is not None),
+            # Above the watchdog's timeouts: the watchdog, which names the ranks, fires first.
+            # Accelerate passes it to init_process_group on its CPU (gloo) path too.
+            InitProcessGroupKwargs(timeout=process_group_timeout(plan)),
             *([GradScalerKwargs(**kwargs["grad_scaler"])] if "grad_scaler" in kwargs else [])],
     )
 
