@@ -1,18 +1,27 @@
-"""Which rank failed first, and the report that names it.
+"""Which rank failed first, and the report that names it; between two attempts of a job
+that restarts, the line that says so.
 
 Each rank keeps a status file (running | done | failed: why | terminated: signal) and
 holds a lock while it lives (launcher/worker.py). A rank's peers fail too once it dies
 (their collectives break), so "the first `failed` status" would often blame a
 survivor: the order in which ranks were *seen* to end decides instead.
+
+`python -m cluster.failure RUN_DIR RESTART MAX_RESTARTS` prints the report of the
+attempt that just ended and the restart line: the Slurm batch script runs it between
+attempts, so that the job's output says why each one ended.
 """
 
 from __future__ import annotations
 
 import fcntl
+import signal
+import sys
+from pathlib import Path
 from typing import NamedTuple
 
-from launcher.plan import Topology
-from launcher.rundir import rank_host, rank_lock, rank_log, rank_status
+from launcher.plan import LaunchPlan, Topology
+from launcher.progress import read_position
+from launcher.rundir import CHECKPOINTS, PLAN, rank_host, rank_lock, rank_log, rank_status
 
 LOG_TAIL = 20
 KILLED = "killed"
@@ -83,20 +92,66 @@ class Endings:
         return min(failures, default=None)
 
 
+def _on_host(run_dir: str, rank: int) -> str:
+    """` on HOST`; empty before the rank wrote its host file."""
+    host = rank_host(run_dir, rank)
+    return f" on {host.read_text().strip()}" if host.exists() else ""
+
+
+def _at_step(run_dir: str, rank: int) -> str:
+    """` at step S (phase)` from the rank's progress file; empty for a script, or a rank
+    that died before its first step."""
+    position = read_position(run_dir, rank)
+    return "" if position is None else f" at step {position.step} ({position.phase})"
+
+
+def _log_tail(run_dir: str, rank: int) -> list[str]:
+    log = rank_log(run_dir, rank)
+    if not log.exists():
+        return []
+    tail = log.read_text(errors="replace").splitlines()[-LOG_TAIL:]
+    return [f"last lines of {log}:", *(f"  {line}" for line in tail)]
+
+
 def rank_failure_report(run_dir: str, topology: Topology, rank: int, status: str) -> str:
-    """`error: rank R (node K, local rank L) failed: why`, then the end of its log."""
+    """`error: rank R (node K on HOST, local rank L) failed at step S (phase): why`, then
+    the end of its log."""
     node, local = divmod(rank, topology.procs_per_node)
     why = status.removeprefix("failed: ")
     if status == KILLED:
         why = "killed before it could say why (SIGKILL, the OOM killer or a native crash)"
-    host = rank_host(run_dir, rank)
-    on = f" on {host.read_text().strip()}" if host.exists() else ""
-    lines = [f"error: rank {rank} (node {node}{on}, local rank {local}) failed: {why}"]
-    log = rank_log(run_dir, rank)
-    if log.exists():
-        tail = log.read_text(errors="replace").splitlines()[-LOG_TAIL:]
-        lines += [f"last lines of {log}:", *(f"  {line}" for line in tail)]
-    return "\n".join(lines)
+    where = f"node {node}{_on_host(run_dir, rank)}, local rank {local}"
+    return "\n".join([f"error: rank {rank} ({where}) failed{_at_step(run_dir, rank)}: {why}",
+                      *_log_tail(run_dir, rank)])
+
+
+def agent_failure_report(run_dir: str, topology: Topology, pid: int, signum: int, rank: int | None) -> str:
+    """`error: the agent of node K on HOST (pid P) was killed by SIG; rank(s) ... died
+    with it at step S (phase)`, then the end of the rank's log: a lost node, as the local
+    backend sees one. ``rank`` is the first of its ranks seen dead, which names the node
+    (the rendezvous, not the launch order, numbers the agents); None when none had started."""
+    killed = f"was killed by {signal.Signals(signum).name}"
+    if rank is None:
+        return f"error: a node agent (pid {pid}) {killed} before its ranks started"
+    node = rank // topology.procs_per_node
+    ranks = range(node * topology.procs_per_node, (node + 1) * topology.procs_per_node)
+    died = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+    return "\n".join([f"error: the agent of node {node}{_on_host(run_dir, rank)} (pid {pid}) {killed}; "
+                      f"{died} died with it{_at_step(run_dir, rank)}",
+                      *_log_tail(run_dir, rank)])
+
+
+def restart_line(run_dir: str, restart: int, max_restarts: int) -> str:
+    """`dlaunch: restarting (K of N) from checkpoint step-…`: where the trainer's resume
+    (launcher/checkpoint.py's `latest` pointer, read here without importing torch) will
+    pick up."""
+    pointer = Path(run_dir) / CHECKPOINTS / "latest"
+    start = f"checkpoint {pointer.read_text().strip()}" if pointer.exists() else "the first step (no checkpoint yet)"
+    return f"dlaunch: restarting ({restart} of {max_restarts}) from {start}"
+
+
+def out_of_restarts_line(max_restarts: int) -> str:
+    return f"dlaunch: no restarts left (train.max_restarts: {max_restarts}); the run failed"
 
 
 def first_failure(run_dir: str, world_size: int) -> tuple[int, str] | None:
@@ -105,3 +160,22 @@ def first_failure(run_dir: str, world_size: int) -> tuple[int, str] | None:
     endings.poll()
     end = endings.first_failure()
     return None if end is None else (end.rank, end.status)
+
+
+def main(argv: list[str]) -> int:
+    """Between two attempts of a Slurm job: the report of the attempt that ended, then
+    the restart line (RESTART of MAX_RESTARTS)."""
+    run_dir, restart, max_restarts = argv[0], int(argv[1]), int(argv[2])
+    topology = LaunchPlan.from_json((Path(run_dir) / PLAN).read_text()).topology
+    failure = first_failure(run_dir, topology.world_size)
+    if failure is None:
+        print("error: the agents failed before any rank reported a failure; see srun's lines above",
+              file=sys.stderr)
+    else:
+        print(rank_failure_report(run_dir, topology, *failure), file=sys.stderr)
+    print(restart_line(run_dir, restart, max_restarts), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -5,6 +5,12 @@ The agents are real ``torchrun`` processes, so a job that works here meets the s
 rendezvous, environment and failure handling on a cluster. Each agent gets a session of
 its own: the terminal's Ctrl-C reaches only the CLI, which then stops the agents the
 one way they are meant to be stopped (SIGTERM, a grace period, SIGKILL).
+
+A failure (an agent that exits non-zero or is killed) stops every agent; with
+``train.max_restarts`` left, all of them start again as the job's next attempt, at a
+rendezvous of its own, and the trainer resumes from the latest checkpoint. The whole
+job restarts, not one agent (torchrun's own --max-restarts): a lost agent, or the one
+that hosts the rendezvous store, cannot be restarted from the inside.
 """
 
 from __future__ import annotations
@@ -19,10 +25,17 @@ import time
 import uuid
 
 from cluster.base import JobState
-from cluster.failure import Endings, rank_failure_report
+from cluster.failure import (
+    Endings,
+    agent_failure_report,
+    out_of_restarts_line,
+    rank_failure_report,
+    restart_line,
+)
 from cluster.process import Terminated, sigterm_raises, worker_pythonpath
+from launcher.faults import ATTEMPT_VAR
 from launcher.plan import LaunchPlan
-from launcher.rundir import rank_log, rank_status
+from launcher.rundir import rank_log, rank_progress, rank_status
 
 GRACE_S = 10
 """How long stopped agents get to stop their workers before the CLI SIGKILLs them."""
@@ -53,8 +66,8 @@ def _agent_command(plan: LaunchPlan, port: int, rdzv_id: str) -> list[str]:
     ]
 
 
-def _agent_env(plan: LaunchPlan) -> dict[str, str]:
-    env = {**os.environ, **plan.env, "DLAUNCH_RUN_DIR": plan.run_dir,
+def _agent_env(plan: LaunchPlan, attempt: int) -> dict[str, str]:
+    env = {**os.environ, **plan.env, "DLAUNCH_RUN_DIR": plan.run_dir, ATTEMPT_VAR: str(attempt),
            # An env var rather than --shutdown-timeout, which older torch lacks.
            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(AGENT_GRACE_S)}
     pythonpath = worker_pythonpath()
@@ -63,14 +76,28 @@ def _agent_env(plan: LaunchPlan) -> dict[str, str]:
     return env
 
 
+def _start_agents(plan: LaunchPlan, attempt: int) -> list[subprocess.Popen]:
+    """The agents of one attempt, at a rendezvous of their own."""
+    # A resumed run reuses its run dir, a restart its attempt's: their ranks' statuses
+    # and positions are not this attempt's.
+    for rank in range(plan.topology.world_size):
+        rank_status(plan.run_dir, rank).unlink(missing_ok=True)
+        rank_progress(plan.run_dir, rank).unlink(missing_ok=True)
+    command = _agent_command(plan, _free_port(), f"{plan.name}-{uuid.uuid4().hex[:8]}")
+    env = _agent_env(plan, attempt)
+    return [subprocess.Popen(command, env=env, start_new_session=True) for _ in range(plan.topology.nodes)]
+
+
 class LocalJob:
-    def __init__(self, plan: LaunchPlan, agents: list[subprocess.Popen]) -> None:
+    def __init__(self, plan: LaunchPlan) -> None:
         self.plan = plan
         self.run_dir = plan.run_dir
-        self.job_id = f"local-{agents[0].pid}"
-        self._agents = agents
+        self.attempt = 0
+        self._agents = _start_agents(plan, self.attempt)
+        self.job_id = f"local-{self._agents[0].pid}"
         self._cancelled = False
-        self._stopping = threading.Lock()  # cancel() and wait() may stop from two threads
+        # cancel() and wait() may stop (and wait() restart) the agents from two threads.
+        self._stopping = threading.Lock()
 
     def status(self) -> JobState:
         if self._cancelled:
@@ -89,46 +116,72 @@ class LocalJob:
         self._stop()
 
     def wait(self) -> int:
-        endings = Endings(self.run_dir, self.plan.topology.world_size)
+        """Supervise attempts until one succeeds, the job is stopped, or a failure finds
+        no restart left; each failure is reported as it happens."""
+        max_restarts = self.plan.recipe.train.max_restarts
         try:
             with sigterm_raises():
-                failed = self._first_failed_agent(endings)
+                while (report := self._wait_attempt()) is not None and not self._cancelled:
+                    print(report, file=sys.stderr)
+                    if self.attempt == max_restarts:
+                        if max_restarts:
+                            print(out_of_restarts_line(max_restarts), file=sys.stderr)
+                        return 1
+                    self._restart(max_restarts)
         except KeyboardInterrupt:
             self._stop()
             return 128 + signal.SIGINT
         except Terminated:
             self._stop()
             return 128 + signal.SIGTERM
+        return 128 + signal.SIGTERM if self._cancelled else 0
+
+    def _wait_attempt(self) -> str | None:
+        """Block until this attempt's agents have all exited 0 (None), or until one
+        failed: then stop the others and return the report that names the cause."""
+        endings = Endings(self.run_dir, self.plan.topology.world_size)
+        failed = self._first_failed_agent(endings)
         if failed is None:
-            return 0
+            return None
         # A failed node's peers would otherwise wait out a rendezvous or collective
         # timeout. After cancel() this waits for that stop to finish.
         self._stop()
-        if self._cancelled:
-            return 128 + signal.SIGTERM
         endings.poll()
-        print(self._failure_report(endings, failed), file=sys.stderr)
-        return 1
+        return self._failure_report(endings, failed)
 
     def _first_failed_agent(self, endings: Endings) -> int | None:
-        """The index of the first agent to exit non-zero; None once all exited with 0."""
+        """The index of the first agent to exit non-zero; None once all exited with 0.
+        Of agents seen ending together, one killed by a signal (a negative code) goes
+        first: the others failed because its ranks died."""
         while True:
             codes = [agent.poll() for agent in self._agents]
             endings.poll()  # after the agents: every rank end that made one exit is seen
-            for i, code in enumerate(codes):
-                if code:
-                    return i
+            failed = [i for i, code in enumerate(codes) if code]
+            if failed:
+                return min(failed, key=lambda i: codes[i] > 0)
             if None not in codes:
                 return None
             time.sleep(POLL_S)
 
     def _failure_report(self, endings: Endings, agent: int) -> str:
+        code, pid = self._agents[agent].returncode, self._agents[agent].pid
         first = endings.first_failure()
+        if code < 0:  # the agent itself was killed, and its workers with it: they ended first
+            return agent_failure_report(self.run_dir, self.plan.topology, pid, -code,
+                                        None if first is None else first.rank)
         if first is not None:
             return rank_failure_report(self.run_dir, self.plan.topology, first.rank, first.status)
-        code = self._agents[agent].returncode
         return (f"error: node agent {agent} exited with code {code} and no rank reported a "
                 "failure; see the agent's output above")
+
+    def _restart(self, max_restarts: int) -> None:
+        """Start the next attempt's agents, unless cancel() stops the job meanwhile."""
+        with self._stopping:
+            if self._cancelled:
+                return
+            self.attempt += 1
+            print(restart_line(self.run_dir, self.attempt, max_restarts), file=sys.stderr)
+            self._agents = _start_agents(self.plan, self.attempt)
 
     def _stop(self) -> None:
         """SIGTERM every live agent's process group; SIGKILL what is left after GRACE_S,
@@ -162,11 +215,4 @@ def _signal_group(agent: subprocess.Popen, sig: signal.Signals) -> None:
 
 class LocalBackend:
     def submit(self, plan: LaunchPlan) -> LocalJob:
-        # A resumed run reuses its run dir: the last attempt's statuses are not this one's.
-        for rank in range(plan.topology.world_size):
-            rank_status(plan.run_dir, rank).unlink(missing_ok=True)
-        command = _agent_command(plan, _free_port(), f"{plan.name}-{uuid.uuid4().hex[:8]}")
-        env = _agent_env(plan)
-        agents = [subprocess.Popen(command, env=env, start_new_session=True)
-                  for _ in range(plan.topology.nodes)]
-        return LocalJob(plan, agents)
+        return LocalJob(plan)

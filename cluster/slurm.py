@@ -2,8 +2,9 @@
 submitted with sbatch, watched with squeue / scontrol, stopped with scancel.
 
 Every value from the recipe reaches the script either as an `#SBATCH` line (which
-sbatch reads without a shell; the schema forbids line breaks in them) or as a
-shell-quoted `export`; the agent command itself is a constant.
+sbatch reads without a shell; the schema forbids line breaks in them), as a
+shell-quoted `export` or as a number; the agent command itself is a constant. The
+script restarts the job's agents itself (train.max_restarts), as the local backend does.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 from cluster.base import JobState
-from cluster.failure import LOG_TAIL, first_failure, rank_failure_report
+from cluster.failure import LOG_TAIL, first_failure, out_of_restarts_line, rank_failure_report
 from launcher.errors import UsageError
 from launcher.plan import LaunchPlan
 from launcher.recipe import SlurmConfig
@@ -153,6 +154,7 @@ def render(plan: LaunchPlan, *, python: str | None = None, cwd: str | None = Non
         "srun_options": srun_options,
         "container_exec": container_exec,
         "rdzv_timeout": str(topo.rdzv_timeout),
+        "max_restarts": str(plan.recipe.train.max_restarts),
         "signal": slurm.signal,
         "requeue": "1" if slurm.requeue else "0",
         # SIG_IGN survives exec; SIGTERM is the agent's to forward, so it stays.
@@ -219,6 +221,11 @@ class SlurmJob:
         failure = first_failure(self.run_dir, self.plan.topology.world_size)
         if failure is not None:
             print(rank_failure_report(self.run_dir, self.plan.topology, *failure), file=sys.stderr)
+            # The batch script itself gave up (not Slurm's time limit or a cancel) on a
+            # failure other than a preemption: its restarts are spent.
+            max_restarts = self.plan.recipe.train.max_restarts
+            if max_restarts and self._state() == "FAILED" and not failure[1].startswith("preempted"):
+                print(out_of_restarts_line(max_restarts), file=sys.stderr)
         else:  # no rank got to run: the batch script itself stopped
             tail = self.output().splitlines()[-LOG_TAIL:]
             print("\n".join([f"error: Slurm job {self.job_id} ended {self._state()} before any rank "

@@ -365,6 +365,11 @@ def build_plan(recipe: Recipe, *, host: HostFacts, data: DataFacts | None, run_d
     """The plan for ``recipe`` on ``host``; ``data`` is None only for ``--script`` jobs,
     ``model`` None unless the recipe is one of transfer learning."""
     topo = _topology(recipe, host, backend, nodes, procs_per_node)
+    if topo.backend == "ray" and recipe.train.max_restarts:
+        # Not built: a lost Ray node takes actors and a bundle of the placement group with
+        # it, so a restart there means a new reservation, not a loop around the ranks.
+        raise UsageError("the Ray backend does not restart jobs; set 0, or run on the local or Slurm "
+                         "backend", key="train.max_restarts")
     training = None
     if script is None:
         if data is None:
@@ -419,6 +424,9 @@ def format_plan(plan: LaunchPlan) -> str:
     ]
     if plan.script is not None:
         rows.append(("script", " ".join([plan.script.path, *plan.script.args])))
+    restarts = plan.recipe.train.max_restarts
+    rows.append(("restarts", f"up to {restarts} after a failure, each from the latest checkpoint" if restarts
+                 else "none: the first failure ends the run"))
     train = plan.training
     if train is not None:
         b, lr, s, e, d = train.batch, train.lr, train.steps, train.engine, train.data

@@ -198,13 +198,16 @@ else:
         assert gone(p["worker"]) and gone(p["agent"])
 
 
-def test_a_node_agent_killed_hard_takes_its_workers_and_the_job_down(tmp_path, submit, capfd):
+def test_a_node_agent_killed_hard_takes_its_workers_and_the_job_down_naming_it(tmp_path, submit, capfd):
     plan = make_plan(tmp_path, SLEEP, nodes=2, procs=1)
     job = submit(plan)
     pids = wait_until_running(plan, tmp_path / "out")
     os.kill(pids[1]["agent"], signal.SIGKILL)
-    assert wait(job) == 1
-    assert f"error: rank 1 (node 1 on {HOST}, local rank 0) failed: " in capfd.readouterr().err
+    assert wait(job) == 1  # train.max_restarts is 0: no restart
+    err = capfd.readouterr().err
+    assert (f"error: the agent of node 1 on {HOST} (pid {pids[1]['agent']}) was killed by SIGKILL; "
+            "rank 1 died with it\n") in err
+    assert "restarting" not in err
     for p in pids:
         assert gone(p["worker"]) and gone(p["agent"])
 

@@ -214,3 +214,22 @@ def test_plan_survives_json_round_trip():
     again = LaunchPlan.from_json(p.to_json())
     assert again == p
     assert math.isclose(again.training.lr.scaled, p.training.lr.scaled)
+
+
+def test_restarts_on_ray_are_refused_naming_the_key():
+    r = recipe(train={"max_restarts": 2})
+    with pytest.raises(UsageError) as info:
+        build_plan(r, host=CPU, data=DIGITS, run_dir="runs/x", backend="ray")
+    assert info.value.key == "train.max_restarts"
+    assert build_plan(r, host=CPU, data=DIGITS, run_dir="runs/x", backend="local").recipe.train.max_restarts == 2
+
+
+def test_the_printed_plan_shows_the_restarts():
+    from launcher.plan import format_plan
+
+    def row(r: Recipe) -> str:
+        [line] = [line for line in format_plan(plan(r)).splitlines() if line.startswith("restarts ")]
+        return line.removeprefix("restarts").strip()
+
+    assert row(recipe(train={"max_restarts": 2})) == "up to 2 after a failure, each from the latest checkpoint"
+    assert row(recipe()) == "none: the first failure ends the run"

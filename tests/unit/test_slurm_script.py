@@ -3,7 +3,6 @@ example in docs/ (kept current, `bash -n` and shellcheck clean)."""
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import sys
@@ -54,13 +53,25 @@ def test_per_node_values_are_expanded_on_each_node_not_in_the_batch_shell():
     script = gpu_job_script()
     agent = script[script.index("bash -c '"):]
     quoted = agent[len("bash -c '"):agent.index("'", len("bash -c '"))]
-    assert '"$SLURM_NNODES"' in quoted and '"$SLURM_JOB_ID"' in quoted
-    batch_shell = [line for line in script[:script.index("bash -c '")].splitlines() if not line.startswith("#")]
+    assert '"$SLURM_NNODES"' in quoted and '--rdzv-id="$SLURM_JOB_ID-$DLAUNCH_ATTEMPT"' in quoted
+    batch_shell = [line for line in script[:script.index("bash -c '")].splitlines() if not line.lstrip().startswith("#")]
     assert not any("SLURM_NNODES" in line or "SLURM_NODEID" in line for line in batch_shell)
 
 
-def test_the_rendezvous_port_comes_from_the_job_id():
-    assert re.search(r'RDZV_ENDPOINT="\$RDZV_HOST:\$\(\(20000 \+ SLURM_JOB_ID % 20000\)\)"', gpu_job_script())
+def test_the_rendezvous_port_comes_from_the_job_id_and_differs_between_attempts():
+    [line] = [line.strip() for line in gpu_job_script().splitlines() if "export DLAUNCH_RDZV_ENDPOINT=" in line]
+    endpoints = [subprocess.run(["bash", "-c", f'{line}; printf %s "$DLAUNCH_RDZV_ENDPOINT"'],
+                                env={"RDZV_HOST": "node1", "SLURM_JOB_ID": "1234", "attempt": str(attempt)},
+                                capture_output=True, text=True).stdout for attempt in (0, 1)]
+    assert endpoints[0] == "node1:21234"
+    assert endpoints[1].startswith("node1:") and endpoints[1] != endpoints[0]
+
+
+@pytest.mark.parametrize("restarts", [0, 3])
+def test_the_scripts_restart_limit_is_train_max_restarts(restarts):
+    recipe = Recipe.model_validate({"data": {"source": "synthetic"}, "train": {"max_restarts": restarts}})
+    plan = build_plan(recipe, host=LOGIN_NODE, data=describe(recipe.data), run_dir="/r", backend="slurm")
+    assert f"MAX_RESTARTS={restarts}" in render(plan).splitlines()
 
 
 @pytest.mark.parametrize("value", ["$(touch /tmp/x)", "`id`", "a'b", 'a"b', "a b; rm -rf /"])
