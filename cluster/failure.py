@@ -1,10 +1,10 @@
 """Which rank failed first, and the report that names it; between two attempts of a job
 that restarts, the line that says so.
 
-Each rank keeps a status file (running | done | failed: why | terminated: signal) and
-holds a lock while it lives (launcher/worker.py). A rank's peers fail too once it dies
-(their collectives break), so "the first `failed` status" would often blame a
-survivor: the order in which ranks were *seen* to end decides instead.
+Each rank keeps a status file (running | done | failed: why | stopped: why | terminated:
+signal | preempted: why) and holds a lock while it lives (launcher/worker.py). A rank's
+peers fail too once it dies (their collectives break), so "the first `failed` status"
+would often blame a survivor: the order in which ranks were *seen* to end decides instead.
 
 `python -m cluster.failure RUN_DIR RESTART MAX_RESTARTS` prints the report of the
 attempt that just ended and the restart line: the Slurm batch script runs it between
@@ -47,7 +47,7 @@ def _alive(run_dir: str, rank: int) -> bool:
 
 # Among ranks seen ending in the same poll: a hard death causes failures in its peers'
 # collectives, never the other way round; a signal we sent comes after both.
-_PRIORITY = {KILLED: 0, "failed": 1, "terminated": 2, "preempted": 2, "done": 3}
+_PRIORITY = {KILLED: 0, "failed": 1, "stopped": 1, "terminated": 2, "preempted": 2, "done": 3}
 
 
 class _End(NamedTuple):
@@ -117,11 +117,13 @@ def rank_failure_report(run_dir: str, topology: Topology, rank: int, status: str
     """`error: rank R (node K on HOST, local rank L) failed at step S (phase): why`, then
     the end of its log."""
     node, local = divmod(rank, topology.procs_per_node)
-    why = status.removeprefix("failed: ")
+    # A stop (launcher.errors.FinalFailure) is said as such: no restart follows it.
+    ended = "stopped" if status.startswith("stopped: ") else "failed"
+    why = status.removeprefix(f"{ended}: ")
     if status == KILLED:
         why = "killed before it could say why (SIGKILL, the OOM killer or a native crash)"
     where = f"node {node}{_on_host(run_dir, rank)}, local rank {local}"
-    return "\n".join([f"error: rank {rank} ({where}) failed{_at_step(run_dir, rank)}: {why}",
+    return "\n".join([f"error: rank {rank} ({where}) {ended}{_at_step(run_dir, rank)}: {why}",
                       *_log_tail(run_dir, rank)])
 
 

@@ -121,8 +121,11 @@ class LocalJob:
         max_restarts = self.plan.recipe.train.max_restarts
         try:
             with sigterm_raises():
-                while (report := self._wait_attempt()) is not None and not self._cancelled:
+                while (failure := self._wait_attempt()) is not None and not self._cancelled:
+                    report, final = failure
                     print(report, file=sys.stderr)
+                    if final:  # a stop policy, or nothing to resume: another attempt would stop again
+                        return 1
                     if self.attempt == max_restarts:
                         if max_restarts:
                             print(out_of_restarts_line(max_restarts), file=sys.stderr)
@@ -136,9 +139,10 @@ class LocalJob:
             return 128 + signal.SIGTERM
         return 128 + signal.SIGTERM if self._cancelled else 0
 
-    def _wait_attempt(self) -> str | None:
+    def _wait_attempt(self) -> tuple[str, bool] | None:
         """Block until this attempt's agents have all exited 0 (None), or until one
-        failed: then stop the others and return the report that names the cause."""
+        failed: then stop the others and return the report that names the cause, and
+        whether the failure is final (a rank `stopped`: no restart would help)."""
         endings = Endings(self.run_dir, self.plan.topology.world_size)
         failed = self._first_failed_agent(endings)
         if failed is None:
@@ -163,16 +167,17 @@ class LocalJob:
                 return None
             time.sleep(POLL_S)
 
-    def _failure_report(self, endings: Endings, agent: int) -> str:
+    def _failure_report(self, endings: Endings, agent: int) -> tuple[str, bool]:
         code, pid = self._agents[agent].returncode, self._agents[agent].pid
         first = endings.first_failure()
         if code < 0:  # the agent itself was killed, and its workers with it: they ended first
             return agent_failure_report(self.run_dir, self.plan.topology, pid, -code,
-                                        None if first is None else first.rank)
+                                        None if first is None else first.rank), False
         if first is not None:
-            return rank_failure_report(self.run_dir, self.plan.topology, first.rank, first.status)
+            return (rank_failure_report(self.run_dir, self.plan.topology, first.rank, first.status),
+                    first.status.startswith("stopped"))
         return (f"error: node agent {agent} exited with code {code} and no rank reported a "
-                "failure; see the agent's output above")
+                "failure; see the agent's output above"), False
 
     def _restart(self, max_restarts: int) -> None:
         """Start the next attempt's agents, unless cancel() stops the job meanwhile."""

@@ -222,9 +222,9 @@ class SlurmJob:
         if failure is not None:
             print(rank_failure_report(self.run_dir, self.plan.topology, *failure), file=sys.stderr)
             # The batch script itself gave up (not Slurm's time limit or a cancel) on a
-            # failure other than a preemption: its restarts are spent.
+            # failure other than a preemption or a final one: its restarts are spent.
             max_restarts = self.plan.recipe.train.max_restarts
-            if max_restarts and self._state() == "FAILED" and not failure[1].startswith("preempted"):
+            if max_restarts and self._state() == "FAILED" and not failure[1].startswith(("preempted", "stopped")):
                 print(out_of_restarts_line(max_restarts), file=sys.stderr)
         else:  # no rank got to run: the batch script itself stopped
             tail = self.output().splitlines()[-LOG_TAIL:]

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from launcher import checkpoint
 from launcher.engines.base import StepResult
+from launcher.errors import FinalFailure
 from launcher.recipe import AlertsConfig
 
 log = logging.getLogger("launcher.alerts")
@@ -31,7 +32,7 @@ ALERTS = "alerts.jsonl"
 Action = Literal["warned", "skipped", "stopped"]
 
 
-class AlertStop(RuntimeError):
+class AlertStop(FinalFailure):
     """A stop policy ended the run."""
 
 

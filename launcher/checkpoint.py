@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from launcher.engines.base import Engine
+from launcher.errors import FinalFailure
 from launcher.faults import Faults
 from launcher.manifest import MANIFEST, TRAINER_STATE, loadable, verify, write_manifest
 from launcher.rundir import CHECKPOINTS, write_atomic
@@ -37,7 +38,7 @@ from launcher.rundir import CHECKPOINTS, write_atomic
 LATEST = "latest"
 
 
-class NoGoodCheckpoint(RuntimeError):
+class NoGoodCheckpoint(FinalFailure):
     """A run has checkpoints, and none of them verifies."""
 
 

@@ -10,6 +10,12 @@ from __future__ import annotations
 EXIT_USAGE = 2
 
 
+class FinalFailure(RuntimeError):
+    """A failure that a restart would only repeat (the run's own stop policy, no
+    checkpoint to resume from): the rank ends `stopped`, and train.max_restarts does not
+    start the job again."""
+
+
 class UsageError(Exception):
     """Bad input: a recipe, an override, a flag or a file the user named."""
 

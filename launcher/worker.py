@@ -23,6 +23,7 @@ from types import FrameType, TracebackType
 from typing import IO, NoReturn
 
 from launcher import preemption
+from launcher.errors import FinalFailure
 from launcher.plan import LaunchPlan, ScriptPlan
 from launcher.rundir import PLAN, rank_host, rank_lock, rank_log, rank_status, write_atomic
 
@@ -173,7 +174,7 @@ def main(run_dir: Path) -> int:
         log.error("rank %d failed", rank, exc_info=exc_info)  # into the rank's log
         if rank == 0:
             traceback.print_exception(*exc_info)  # and onto the terminal rank 0 kept
-        write_status(run_dir, rank, f"failed: {_describe(exc)}")
+        write_status(run_dir, rank, f"{'stopped' if isinstance(exc, FinalFailure) else 'failed'}: {_describe(exc)}")
         code = _exit_code(exc)
     else:
         write_status(run_dir, rank, "done")

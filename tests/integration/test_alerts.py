@@ -42,7 +42,7 @@ def build():
 """
 
 
-def run(tmp_path, engine: str, alerts: str, env: dict[str, str], stage: int | None = None):
+def run(tmp_path, engine: str, alerts: str, env: dict[str, str], stage: int | None = None, max_restarts: int = 0):
     stage = (2 if engine == "deepspeed" else 0) if stage is None else stage
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / "faulty.py").write_text(FAULTY_MODEL)
@@ -55,7 +55,8 @@ optim: {{lr: 1.0e-2}}
 engine: {{name: {engine}, zero_stage: {stage}}}
 precision: {{dtype: fp32}}
 alerts: {alerts}
-train: {{micro_batch_size: 16, max_steps: 20, checkpoint_every: 4, eval_every: 4, early_stopping: {{patience: null}}}}
+train: {{micro_batch_size: 16, max_steps: 20, checkpoint_every: 4, eval_every: 4, early_stopping: {{patience: null}},
+        max_restarts: {max_restarts}}}
 logging: {{run_root: {root}, progress: false, report: false, log_every: 1}}
 """)
     result = dlaunch("run", str(recipe), "--procs-per-node", "2", cwd=tmp_path, env=env)
@@ -111,11 +112,13 @@ def test_exploding_gradients_are_skipped_with_accelerate(tmp_path):
     assert metrics(run_dir, "summary")[0]["val_acc"] > 0.5
 
 
-def test_exploding_gradients_stop_the_run_before_a_checkpoint_takes_them(tmp_path):
+def test_exploding_gradients_stop_the_run_before_a_checkpoint_takes_them_and_no_restart_follows(tmp_path):
     result, run_dir = run(tmp_path, "deepspeed", "{exploding_grad: {threshold: 50.0, policy: stop}}",
-                          {"FAULT": "1e5", "FAULT_AT": "8"})
+                          {"FAULT": "1e5", "FAULT_AT": "8"}, max_restarts=1)
     assert result.returncode == 1
-    assert "AlertStop: step 8: gradient norm" in result.stderr and "is above 50" in result.stderr
+    assert "stopped at step 8 (collective): AlertStop: step 8: gradient norm" in result.stderr
+    assert "is above 50" in result.stderr
+    assert "restarting" not in result.stderr  # a restart would stop at the same step again
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000004"
     assert alerts_of(run_dir) == [("exploding_grad", 8, "stopped")]
 
