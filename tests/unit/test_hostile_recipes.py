@@ -1,0 +1,69 @@
+"""Hostile recipes and overrides the fuzzer (test_recipe_fuzz.py) found, each kept here as
+the plain example it shrank to: every one ends as one line `error: ...`, fast, never as
+a traceback, a hang or a machine out of memory."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from launcher.errors import UsageError
+from launcher.recipe import load_recipe
+from launcher.yamlio import MAX_DEPTH, parse_override
+
+
+def error_of(tmp_path, text: str, overrides=()) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    with pytest.raises(UsageError) as info:
+        load_recipe(path, list(overrides))
+    return str(info.value)
+
+
+@pytest.mark.parametrize("text,line", [
+    ("[" * 5000 + "]" * 5000, 1),
+    ("{a: " * 5000 + "1" + "}" * 5000, 1),
+    ("model:\n  kwargs:\n    x: " + "[" * 100_000, 3),
+    ("".join(" " * depth + "a:\n" for depth in range(200)) + " " * 200 + "b: 1\n", MAX_DEPTH),
+])
+def test_a_document_nested_past_the_stack_is_refused_where_it_gets_too_deep(tmp_path, text, line):
+    started = time.perf_counter()
+    message = error_of(tmp_path, text)
+    assert message == f"error: recipe.yaml (line {line}): YAML document refused: nested more than 64 levels deep"
+    assert time.perf_counter() - started < 5, "the scanner must not go quadratic on `[[[[...`"
+
+
+def billion_laughs(levels: int = 9, width: int = 10) -> str:
+    lines = ["model:", "  kwargs:", "    l0: &l0 [lol]"]
+    lines += [f"    l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_billion_laughs_are_refused_before_they_are_expanded(tmp_path):
+    message = error_of(tmp_path, billion_laughs())
+    assert message.startswith("error: recipe.yaml (line 8): YAML document refused: more than 100000 values "
+                              "once its aliases are followed")
+
+
+def test_small_aliases_are_still_yaml(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model:\n  kwargs: {hidden: &h [8, 8]}\nsweep:\n  space:\n    optim.lr: &lr {choice: [0.1]}\n"
+                    "    optim.weight_decay:\n      <<: *lr\n      choice: [0.01]\n")
+    recipe, _ = load_recipe(path)
+    assert recipe.sweep.space["optim.weight_decay"] == {"choice": [0.01]}  # `<<` merged, then overridden
+
+
+@pytest.mark.parametrize("text", ["a: &a [*a]\n", "model:\n  kwargs: &k {x: *k}\n", "optim: &o\n  lr: 1\n  <<: *o\n"])
+def test_an_alias_inside_what_it_names_is_refused(tmp_path, text):
+    assert "YAML document refused: an alias refers to a node that contains it" in error_of(tmp_path, text)
+
+
+FLOW_LAUGHS = "[&l0 [lol], " + ", ".join(f"&l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 9)) + "]"
+
+
+@pytest.mark.parametrize("spec", ["model.kwargs.x=" + "[" * 5000, "model.kwargs.x=&a [*a]",
+                                  "model.kwargs.x=" + FLOW_LAUGHS])
+def test_a_hostile_override_value_stays_text(spec):
+    keys, value = parse_override(spec)
+    assert keys == ("model", "kwargs", "x") and value == spec.partition("=")[2]
