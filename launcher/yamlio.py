@@ -10,8 +10,8 @@ What PyYAML does not do for us:
   YAML 1.2 core-schema one, which every ML config in the wild assumes;
 * refuse documents that are hostile rather than wrong: nested deeper than Python's
   stack, aliases that expand a few lines into billions of values ("billion laughs") or
-  that contain themselves. Each is a UsageError like any other bad input, found before
-  anything is built from the document.
+  that contain themselves, integers too long to convert. Each is a UsageError like any
+  other bad input, found before anything is built from the document.
 """
 
 from __future__ import annotations
@@ -65,6 +65,22 @@ class _Loader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except Exception:
+            # A tag the value does not fit (`!!float x`, `!!timestamp x`), or an integer
+            # past the 4300 digits int() converts: PyYAML's constructors let these out as
+            # whatever Python raised (ValueError, IndexError, AttributeError, ...).
+            if _INT.match(node.value if isinstance(node.value, str) else ""):
+                problem = f"an integer of {len(node.value)} digits is too long"
+            else:
+                shown = repr(node.value) if len(repr(node.value)) <= 40 else repr(node.value)[:37] + "..."
+                problem = f"cannot read {shown} as {node.tag.replace('tag:yaml.org,2002:', '!!')}"
+            raise yaml.constructor.ConstructorError(problem=problem, problem_mark=node.start_mark) from None
 
 
 _FLOAT_12 = re.compile(
@@ -202,8 +218,10 @@ def load_yaml(text: str, filename: str = "<recipe>") -> tuple[Any, SourceMap]:
         problem = exc.problem or exc.context or "invalid YAML"
         kind = "YAML document refused" if isinstance(exc, RefusedDocument) else "YAML syntax error"
         raise UsageError(f"{kind}: {problem}", key=filename, line=line) from None
-    except yaml.YAMLError as exc:  # pragma: no cover - PyYAML raises marked errors in practice
-        raise UsageError(f"YAML error: {exc}", key=filename) from None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow, such as NUL
+        line = text.count("\n", 0, exc.position) + 1
+        raise UsageError(f"YAML syntax error: character U+{exc.character:04X} is not allowed in YAML",
+                         key=filename, line=line) from None
     return data, source
 
 

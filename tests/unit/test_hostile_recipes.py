@@ -67,3 +67,15 @@ FLOW_LAUGHS = "[&l0 [lol], " + ", ".join(f"&l{i} [{', '.join([f'*l{i - 1}'] * 10
 def test_a_hostile_override_value_stays_text(spec):
     keys, value = parse_override(spec)
     assert keys == ("model", "kwargs", "x") and value == spec.partition("=")[2]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("train:\n  seed: " + "9" * 5000 + "\n", "error: recipe.yaml (line 2): YAML syntax error: an integer of 5000 digits is too long"),
+    ("optim:\n  lr: !!float fast\n", "error: recipe.yaml (line 2): YAML syntax error: cannot read 'fast' as !!float"),
+    ("optim: !!float\n", "error: recipe.yaml (line 1): YAML syntax error: cannot read '' as !!float"),
+    ("name: !!timestamp soon\n", "error: recipe.yaml (line 1): YAML syntax error: cannot read 'soon' as !!timestamp"),
+    ("name: x\ntrain:\n  seed: 1\x00\n", "error: recipe.yaml (line 3): YAML syntax error: character U+0000 is not "
+                                         "allowed in YAML"),
+])
+def test_a_value_python_cannot_build_is_a_syntax_error_at_its_line(tmp_path, text, message):
+    assert error_of(tmp_path, text) == message
