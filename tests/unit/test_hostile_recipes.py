@@ -79,3 +79,12 @@ def test_a_hostile_override_value_stays_text(spec):
 ])
 def test_a_value_python_cannot_build_is_a_syntax_error_at_its_line(tmp_path, text, message):
     assert error_of(tmp_path, text) == message
+
+
+@pytest.mark.parametrize("text,message", [
+    ('"a\\nb": 1\n', "error: a\\nb (line 1): unknown key"),
+    ('optim:\n  "l\\u2028r": 1\n', "error: optim.l\\u2028r (line 2): unknown key"),
+    ('"\\e[2J": 1\n', "error: \\x1b[2J (line 1): unknown key"),
+])
+def test_an_error_is_one_line_of_visible_characters_whatever_the_key(tmp_path, text, message):
+    assert error_of(tmp_path, text).startswith(message)
