@@ -622,9 +622,12 @@ def recipe_from_data(data: Any, source: SourceMap) -> Recipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
-        loc = tuple(error["loc"])
+        loc, message = tuple(error["loc"]), _describe(error)
+        if error["type"] == "invalid_key" or loc[-1:] == ("[key]",):  # `1: x`, `null: x`
+            loc = loc[:-2] if loc[-1] == "[key]" else loc[:-1]
+            message = f"key {error['input']!r} is not text; put it in quotes"
         line, origin = source.locate(loc)
-        raise UsageError(_describe(error), key=".".join(map(str, loc)) or source.filename,
+        raise UsageError(message, key=".".join(map(str, loc)) or source.filename,
                          line=line, origin=origin) from None
     try:
         _check_consistency(recipe)

@@ -88,3 +88,12 @@ def test_a_value_python_cannot_build_is_a_syntax_error_at_its_line(tmp_path, tex
 ])
 def test_an_error_is_one_line_of_visible_characters_whatever_the_key(tmp_path, text, message):
     assert error_of(tmp_path, text).startswith(message)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("~: 1\n", "error: recipe.yaml: key None is not text; put it in quotes"),
+    ("optim:\n  1: 2\n", "error: optim (line 1): key 1 is not text; put it in quotes"),
+    ("cluster:\n  slurm:\n    env: {1: a}\n", "error: cluster.slurm.env (line 3): key 1 is not text; put it in quotes"),
+])
+def test_a_key_that_is_not_text_is_named_with_its_section(tmp_path, text, message):
+    assert error_of(tmp_path, text) == message
