@@ -11,6 +11,7 @@ best practice: AdamW, warmup then cosine, gradient clipping at 1.0, bf16.
 from __future__ import annotations
 
 import difflib
+import math
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -611,6 +612,26 @@ def _describe(error: dict[str, Any]) -> str:
     return message[0].lower() + message[1:]
 
 
+def _check_numbers(value: Any, loc: KeyPath, source: SourceMap) -> None:
+    """Every number, in typed fields and free-form ones (model.kwargs, deepspeed_config)
+    alike, is one JSON carries to the workers (plan.json has no NaN or Infinity) and that
+    torch, numpy and DeepSpeed take (64-bit integers)."""
+    problem = None
+    if isinstance(value, float) and not math.isfinite(value):
+        problem = f"{value} is not a finite number"
+    elif isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+        problem = f"an integer of {len(str(abs(value)))} digits does not fit in 64 bits"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_numbers(item, (*loc, key), source)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_numbers(item, (*loc, index), source)
+    if problem is not None:
+        line, origin = source.locate(loc)
+        raise UsageError(problem, key=".".join(map(str, loc)) or source.filename, line=line, origin=origin)
+
+
 def recipe_from_data(data: Any, source: SourceMap) -> Recipe:
     """Validate parsed YAML into a Recipe; the first problem becomes a UsageError."""
     if data is None:
@@ -618,6 +639,7 @@ def recipe_from_data(data: Any, source: SourceMap) -> Recipe:
     if not isinstance(data, dict):
         raise UsageError("a recipe must be a mapping of sections (model:, data:, ...)",
                          key=source.filename, line=1)
+    _check_numbers(data, (), source)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:

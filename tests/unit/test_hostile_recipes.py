@@ -97,3 +97,27 @@ def test_an_error_is_one_line_of_visible_characters_whatever_the_key(tmp_path, t
 ])
 def test_a_key_that_is_not_text_is_named_with_its_section(tmp_path, text, message):
     assert error_of(tmp_path, text) == message
+
+
+@pytest.mark.parametrize("text,overrides,message", [
+    ("optim:\n  lr: .inf\n", [], "error: optim.lr (line 2): inf is not a finite number"),
+    ("optim:\n  lr: 1e999\n", [], "error: optim.lr (line 2): inf is not a finite number"),
+    ("model:\n  kwargs:\n    dropout: .nan\n", [], "error: model.kwargs.dropout (line 3): nan is not a finite number"),
+    ("sweep:\n  space:\n    optim.lr: {uniform: [0.1, .inf]}\n", [],
+     "error: sweep.space.optim.lr.uniform.1 (line 3): inf is not a finite number"),
+    ("{}\n", ["data.mean=[0.5, -.inf, 0.5]"], "error: data.mean.1 (--set): -inf is not a finite number"),
+    ("train:\n  seed: 9223372036854775808\n", [],
+     "error: train.seed (line 2): an integer of 19 digits does not fit in 64 bits"),
+    ("engine:\n  deepspeed_config: {steps_per_print: " + "9" * 400 + "}\n", [],
+     "error: engine.deepspeed_config.steps_per_print (line 2): an integer of 400 digits does not fit in 64 bits"),
+])
+def test_a_number_json_or_torch_cannot_carry_is_refused_at_its_key(tmp_path, text, overrides, message):
+    """plan.json, which every worker reads, has no Infinity or NaN (pydantic writes null,
+    and the worker's read of the plan failed), and torch takes 64-bit integers."""
+    assert error_of(tmp_path, text, overrides) == message
+
+
+def test_the_largest_64_bit_seed_is_a_seed(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"train:\n  seed: {2**63 - 1}\n")
+    assert load_recipe(path)[0].train.seed == 2**63 - 1
