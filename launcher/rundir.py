@@ -98,9 +98,12 @@ def new_run_dir(root: str | Path, name: str, stamp: str) -> Path:
     elsewhere), with a -2, -3... suffix if two runs share a second."""
     base = Path(root).absolute() / f"{name}-{stamp}"
     candidate, n = base, 1
-    while candidate.exists():
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
+    try:
+        while candidate.exists():
+            n += 1
+            candidate = base.with_name(f"{base.name}-{n}")
+    except OSError as exc:  # a path too long, a folder we may not look into
+        raise UsageError(f"cannot use {str(base)!r}: {exc.strerror or exc}", key="logging.run_root") from None
     return candidate
 
 

@@ -107,6 +107,13 @@ def _is_binary(dtype: object) -> bool:
 
 
 def describe(cfg: DataConfig) -> DataFacts:
+    try:
+        return _describe(cfg)
+    except OSError as exc:  # a path too long, unreadable, a loop of links: the user's to fix
+        raise UsageError(f"cannot read {cfg.path!r}: {exc.strerror or exc}", key="data.path") from None
+
+
+def _describe(cfg: DataConfig) -> DataFacts:
     encoded_images = cfg.source == "images"
     if cfg.source == "digits":
         num_rows, shape, classes = DIGITS_ROWS, DIGITS_SHAPE, DIGITS_CLASSES

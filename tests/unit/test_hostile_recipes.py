@@ -9,7 +9,7 @@ import time
 import pytest
 
 from launcher.errors import UsageError
-from launcher.recipe import load_recipe
+from launcher.recipe import Recipe, load_recipe
 from launcher.yamlio import MAX_DEPTH, parse_override
 
 
@@ -121,3 +121,35 @@ def test_the_largest_64_bit_seed_is_a_seed(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text(f"train:\n  seed: {2**63 - 1}\n")
     assert load_recipe(path)[0].train.seed == 2**63 - 1
+
+
+LONG = "x" * 300  # past NAME_MAX (255): stat() fails with ENAMETOOLONG, which pathlib lets out
+
+
+def test_a_data_path_the_os_cannot_look_up_is_a_data_path_error():
+    from launcher.data.facts import describe
+
+    recipe = Recipe.model_validate({"data": {"source": "parquet", "path": LONG}})
+    with pytest.raises(UsageError) as info:
+        describe(recipe.data)
+    assert str(info.value) == f"error: data.path: cannot read '{LONG}': File name too long"
+
+
+@pytest.mark.parametrize("path,problem", [(LONG, f"cannot read '{LONG}': File name too long"),
+                                          ("~no-such-user/model.pt", "'~no-such-user/model.pt': no such user's "
+                                                                     "home directory")])
+def test_initial_weights_the_os_cannot_look_up_are_an_init_from_error(path, problem):
+    from launcher.models.weights import resolve
+
+    with pytest.raises(UsageError) as info:
+        resolve(path)
+    assert str(info.value) == f"error: model.init_from: {problem}"
+
+
+def test_a_run_root_the_os_cannot_look_up_is_a_run_root_error(tmp_path):
+    from launcher.rundir import new_run_dir
+
+    with pytest.raises(UsageError) as info:
+        new_run_dir(tmp_path / LONG, "run", "20260101-000000")
+    assert str(info.value) == f"error: logging.run_root: cannot use '{tmp_path / LONG}/run-20260101-000000': " \
+                              "File name too long"
