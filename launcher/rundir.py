@@ -39,11 +39,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from launcher.errors import UsageError
 from launcher.plan import LaunchPlan
 from launcher.recipe import Recipe
+from launcher.yamlio import dump_yaml
 
 PLAN = "plan.json"
 RECIPE = "recipe.yaml"
@@ -173,7 +172,7 @@ def create(plan: LaunchPlan, argv: list[str]) -> Path:
         staging.mkdir(parents=True)
         (staging / LOGS).mkdir()
         write_durably(staging / PLAN, plan.to_json())
-        write_durably(staging / RECIPE, yaml.safe_dump(plan.recipe.model_dump(mode="json"), sort_keys=False))
+        write_durably(staging / RECIPE, dump_yaml(plan.recipe.model_dump(mode="json")))
         write_durably(staging / ENV, json.dumps(_env_record(plan, argv), indent=2) + "\n")
         if plan.training is not None:
             engine = plan.training.engine

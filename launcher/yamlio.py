@@ -118,6 +118,20 @@ _Loader.add_implicit_resolver(
 )
 
 
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that also quotes what _Loader reads as a float (`1e3`): PyYAML's YAML
+    1.1 rules write it plain, and the recipe would come back with a number for a name."""
+
+
+_Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _FloatMatcher(), list("-+0123456789."))
+
+
+def dump_yaml(data: Any) -> str:
+    """``data`` as block-style YAML that load_yaml reads back as ``data`` (and that YAML
+    1.1 readers do too: their booleans, `off`, `no`, stay quoted)."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
+
+
 @dataclass
 class SourceMap:
     """Where each key of a recipe came from: a YAML line, or a ``--set`` override."""
@@ -283,7 +297,7 @@ def with_values(text: str, values: list[tuple[tuple[str, ...], Any]]) -> str:
             break
     if edited is not None and load_yaml(edited)[0] == expected:
         return edited
-    return yaml.safe_dump(expected, sort_keys=False)
+    return dump_yaml(expected)
 
 
 def _render(value: Any) -> str:

@@ -7,10 +7,11 @@ from __future__ import annotations
 import time
 
 import pytest
+import yaml
 
 from launcher.errors import UsageError
 from launcher.recipe import Recipe, load_recipe
-from launcher.yamlio import MAX_DEPTH, parse_override
+from launcher.yamlio import MAX_DEPTH, dump_yaml, parse_override
 
 
 def error_of(tmp_path, text: str, overrides=()) -> str:
@@ -121,6 +122,18 @@ def test_the_largest_64_bit_seed_is_a_seed(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text(f"train:\n  seed: {2**63 - 1}\n")
     assert load_recipe(path)[0].train.seed == 2**63 - 1
+
+
+def test_recipe_yaml_reads_back_as_the_recipe_when_a_text_looks_like_a_number(tmp_path):
+    """PyYAML writes `1e3` plain (YAML 1.1 wants a dot in a float), and dlaunch reads it
+    as YAML 1.2 does, as 1000.0: a sweep resumed from its recipe.yaml found a number
+    for a name."""
+    recipe = Recipe.model_validate({"name": "1e3", "data": {"label_column": "2E-5"},
+                                    "model": {"kwargs": {"act": "+1e3", "flag": "off"}}})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(dump_yaml(recipe.model_dump(mode="json")))
+    assert load_recipe(path)[0] == recipe
+    assert yaml.safe_load(path.read_text())["model"]["kwargs"]["flag"] == "off"  # and YAML 1.1 readers too
 
 
 LONG = "x" * 300  # past NAME_MAX (255): stat() fails with ENAMETOOLONG, which pathlib lets out
