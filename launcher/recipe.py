@@ -612,24 +612,44 @@ def _describe(error: dict[str, Any]) -> str:
     return message[0].lower() + message[1:]
 
 
-def _check_numbers(value: Any, loc: KeyPath, source: SourceMap) -> None:
-    """Every number, in typed fields and free-form ones (model.kwargs, deepspeed_config)
-    alike, is one JSON carries to the workers (plan.json has no NaN or Infinity) and that
-    torch, numpy and DeepSpeed take (64-bit integers)."""
+def _check_values(value: Any, loc: KeyPath, source: SourceMap) -> None:
+    """Every value, in typed fields and free-form ones (model.kwargs, deepspeed_config)
+    alike, is one that JSON carries to the workers (plan.json has no NaN or Infinity, and
+    its UTF-8 no lone surrogate such as YAML's "\\ud800") and that torch, numpy and
+    DeepSpeed take (64-bit integers)."""
     problem = None
     if isinstance(value, float) and not math.isfinite(value):
         problem = f"{value} is not a finite number"
     elif isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
         problem = f"an integer of {len(str(abs(value)))} digits does not fit in 64 bits"
+    elif isinstance(value, str) and not _is_unicode(value):
+        problem = f"the text {_SURROGATE}"
     elif isinstance(value, dict):
         for key, item in value.items():
-            _check_numbers(item, (*loc, key), source)
+            if isinstance(key, str) and not _is_unicode(key):
+                _refuse(f"the key {_SURROGATE}", (*loc, key), source)
+            _check_values(item, (*loc, key), source)
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            _check_numbers(item, (*loc, index), source)
+            _check_values(item, (*loc, index), source)
     if problem is not None:
-        line, origin = source.locate(loc)
-        raise UsageError(problem, key=".".join(map(str, loc)) or source.filename, line=line, origin=origin)
+        _refuse(problem, loc, source)
+
+
+_SURROGATE = "holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is no character; write the character itself"
+
+
+def _refuse(problem: str, loc: KeyPath, source: SourceMap) -> None:
+    line, origin = source.locate(loc)
+    raise UsageError(problem, key=".".join(map(str, loc)) or source.filename, line=line, origin=origin)
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def recipe_from_data(data: Any, source: SourceMap) -> Recipe:
@@ -639,7 +659,7 @@ def recipe_from_data(data: Any, source: SourceMap) -> Recipe:
     if not isinstance(data, dict):
         raise UsageError("a recipe must be a mapping of sections (model:, data:, ...)",
                          key=source.filename, line=1)
-    _check_numbers(data, (), source)
+    _check_values(data, (), source)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:

@@ -166,3 +166,15 @@ def test_a_run_root_the_os_cannot_look_up_is_a_run_root_error(tmp_path):
         new_run_dir(tmp_path / LONG, "run", "20260101-000000")
     assert str(info.value) == f"error: logging.run_root: cannot use '{tmp_path / LONG}/run-20260101-000000': " \
                               "File name too long"
+
+
+@pytest.mark.parametrize("text,overrides,message", [
+    ('model:\n  kwargs:\n    act: "\\ud800\\udc00"\n', [], "error: model.kwargs.act (line 3): the text holds a lone UTF-16 "
+                                                            "surrogate"),
+    ("{}\n", ['model.kwargs.x={"\\udc00": 1}'], "error: model.kwargs.x.\\udc00 (--set): the key holds a lone UTF-16 "
+                                                 "surrogate"),
+])
+def test_text_utf8_cannot_encode_is_refused_at_its_key(tmp_path, text, overrides, message):
+    """YAML's "\\ud800" escapes give Python a lone surrogate, which passed the free-form
+    model.kwargs and then failed plan.json's UTF-8 with a traceback."""
+    assert error_of(tmp_path, text, overrides).startswith(message)
