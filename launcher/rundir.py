@@ -39,6 +39,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from launcher.credentials import may_hold_credential
 from launcher.errors import UsageError
 from launcher.plan import LaunchPlan
 from launcher.recipe import Recipe
@@ -129,11 +130,10 @@ def _env_record(plan: LaunchPlan, argv: list[str]) -> dict[str, Any]:
 # Variables that change how a run behaves. Anything that looks like a credential is left
 # out even if it matches: run directories get shared and uploaded.
 _VAR_PREFIXES = ("CUDA_", "NCCL_", "OMP_", "MKL_", "TORCH_", "PYTORCH_", "SLURM_JOB_", "DLAUNCH_")
-_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
 
 
 def _is_reproducibility_var(name: str) -> bool:
-    return name.startswith(_VAR_PREFIXES) and not any(w in name.upper() for w in _SECRET_WORDS)
+    return name.startswith(_VAR_PREFIXES) and not may_hold_credential(name)
 
 
 def _git_state() -> dict[str, Any] | None:
