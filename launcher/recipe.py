@@ -15,10 +15,11 @@ import math
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from launcher.credentials import names_credential
 from launcher.errors import UsageError
 from launcher.yamlio import KeyPath, SourceMap, apply_override, load_yaml, parse_override
 
@@ -705,10 +706,34 @@ def _check_consistency(recipe: Recipe) -> None:
     if recipe.train.monitor not in ("val_loss", "val_acc"):
         raise UsageError(f"cannot monitor {recipe.train.monitor!r}; use val_loss or val_acc",
                          key="train.monitor")
-    tracking_uri = recipe.logging.mlflow.tracking_uri
-    if tracking_uri is not None and urlsplit(tracking_uri).password is not None:
+    if recipe.logging.mlflow.tracking_uri is not None:
+        _check_tracking_uri(recipe.logging.mlflow.tracking_uri)
+
+
+def _check_tracking_uri(uri: str) -> None:
+    """No credential in the URI: it is written to recipe.yaml, plan.json and the logs. A
+    server's go in MLflow's variables; a database's in its own (PGPASSWORD, ~/.pgpass),
+    though the database URI may name its user."""
+    key = "logging.mlflow.tracking_uri"
+    try:
+        parts = urlsplit(uri)
+        password, user = parts.password, parts.username
+    except ValueError as exc:
+        raise UsageError(f"{uri!r} is not a URI: {exc}", key=key) from None
+    server = parts.scheme in ("http", "https")
+    if password is not None and server:
         raise UsageError("a password here would be written to recipe.yaml and plan.json; give it in "
-                         "MLFLOW_TRACKING_PASSWORD instead", key="logging.mlflow.tracking_uri")
+                         "MLFLOW_TRACKING_PASSWORD instead", key=key)
+    if password is not None:
+        raise UsageError("a password here would be written to recipe.yaml and plan.json; give it the "
+                         "database's own way (PGPASSWORD or ~/.pgpass, MYSQL_PWD or ~/.my.cnf)", key=key)
+    if user is not None and server:
+        raise UsageError("a user name or token here would be written to recipe.yaml and plan.json; give it in "
+                         "MLFLOW_TRACKING_USERNAME, or a token in MLFLOW_TRACKING_TOKEN", key=key)
+    secret = next((name for name, _ in parse_qsl(parts.query) if names_credential(name)), None)
+    if secret is not None:
+        raise UsageError(f"the query's {secret} would be written to recipe.yaml and plan.json; give a token in "
+                         "MLFLOW_TRACKING_TOKEN instead", key=key)
 
 
 def _check_loading(data: DataConfig) -> None:

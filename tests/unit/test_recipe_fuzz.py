@@ -105,7 +105,8 @@ HOSTILE_TEXT = ["", " ", "\t", "\n", "a\nb", "\r", "\x00", "\x1b[2J", "\u2028", 
                 "a:b", ":x", "x:", "a.b.c:f"]
 # Texts a field may well hold, some of which YAML could take for something else.
 WORDS = ["val_loss", "val_acc", "x", "run-1", "label", "f0", "--mail-type=END", "1e3", "2E-5", "+1e3", "0x1F",
-         "1_000", "12:30", "off", "no", "null", "true", "2001-12-14", ".inf", "a: b", "- x", "#x", "'q'"]
+         "1_000", "12:30", "off", "no", "null", "true", "2001-12-14", ".inf", "a: b", "- x", "#x", "'q'",
+         "http://[::1:5000", "https://user@host", "sqlite:///x.db"]
 HUGE_INTS = [2**31, 2**63 - 1, 2**63, 2**64, -(2**63) - 1, 10**400]  # more digits: in TOKENS
 
 scalars = st.one_of(
