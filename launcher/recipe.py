@@ -479,7 +479,10 @@ class SlurmConfig(Section):
     extra_sbatch: list[str] = Field(default_factory=list)
     """More sbatch options, one per entry, e.g. `--mail-type=END`."""
     env: dict[str, str] = Field(default_factory=dict)
-    """Environment variables exported in the job (values are shell-quoted)."""
+    """Environment variables exported in the job (values are shell-quoted). Not credentials
+    (WANDB_API_KEY, HF_TOKEN, ...: a name with KEY, TOKEN, SECRET or PASSWORD as a word),
+    which would be written to the run dir and the script: export those in the shell that
+    runs dlaunch, whose environment sbatch passes on."""
     setup: list[str] = Field(default_factory=list)
     """Shell lines run before the agents start, as written (`module load cuda`,
     `source /path/venv/bin/activate`)."""
@@ -699,6 +702,10 @@ def _check_consistency(recipe: Recipe) -> None:
         if not name.isidentifier() or not name.isascii():
             raise UsageError(f"{name!r} is not an environment variable name",
                              key=f"cluster.slurm.env.{name}")
+        if names_credential(name):
+            raise UsageError("a credential here would be written to recipe.yaml, plan.json, the sbatch script "
+                             "and the trackers' parameters; export it in the shell that runs dlaunch instead "
+                             "(sbatch passes that environment on to the job)", key=f"cluster.slurm.env.{name}")
     for index, option in enumerate(recipe.cluster.slurm.extra_sbatch):
         if not option.startswith("-") or any(c in option for c in "\n\r\x00"):
             raise UsageError(f"{option!r} is not one sbatch option such as --mail-type=END",

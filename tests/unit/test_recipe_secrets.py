@@ -22,6 +22,27 @@ def error_of(tmp_path, text: str, overrides=()) -> str:
     return str(info.value)
 
 
+@pytest.mark.parametrize("name", ["WANDB_API_KEY", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD",
+                                  "SLURM_JWT", "GOOGLE_APPLICATION_CREDENTIALS", "api_key"])
+def test_a_slurm_env_variable_named_for_a_credential_is_refused(tmp_path, name):
+    message = error_of(tmp_path, f"cluster:\n  slurm:\n    env:\n      NCCL_DEBUG: INFO\n      {name}: s3cr3t\n")
+    assert message.startswith(f"error: cluster.slurm.env.{name} (line 5): a credential here would be written to "
+                              "recipe.yaml, plan.json, the sbatch script")
+    assert message.endswith("export it in the shell that runs dlaunch instead (sbatch passes that environment on "
+                            "to the job)") and "s3cr3t" not in message
+
+
+def test_a_credential_given_with_set_is_refused_and_not_repeated(tmp_path):
+    message = error_of(tmp_path, "{}\n", ["cluster.slurm.env.HF_TOKEN=hf_s3cr3t"])
+    assert message.startswith("error: cluster.slurm.env.HF_TOKEN (--set): a credential here") and "s3cr3t" not in message
+
+
+def test_variables_that_only_contain_a_credential_word_are_taken(tmp_path):
+    names = ["TOKENIZERS_PARALLELISM", "NCCL_IB_PKEY", "WANDB_MODE", "MONKEY_PATCH", "OMP_NUM_THREADS"]
+    text = "cluster:\n  slurm:\n    env:\n" + "".join(f"      {name}: '1'\n" for name in names)
+    assert list(load(tmp_path, text).cluster.slurm.env) == names
+
+
 @pytest.mark.parametrize("uri,message", [
     ("https://me:s3cr3t@mlflow.example", "a password here would be written to recipe.yaml and plan.json; give it in "
                                          "MLFLOW_TRACKING_PASSWORD instead"),
