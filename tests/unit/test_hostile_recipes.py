@@ -178,3 +178,16 @@ def test_text_utf8_cannot_encode_is_refused_at_its_key(tmp_path, text, overrides
     """YAML's "\\ud800" escapes give Python a lone surrogate, which passed the free-form
     model.kwargs and then failed plan.json's UTF-8 with a traceback."""
     assert error_of(tmp_path, text, overrides).startswith(message)
+
+
+def test_synthetic_data_of_two_billion_classes_is_described_without_counting_each():
+    """Planning built a dict of every label's row count: 2**31 entries, MemoryError (or
+    all the machine's memory) before the plan was made."""
+    from launcher.data.facts import describe
+
+    recipe = Recipe.model_validate({"data": {"source": "synthetic", "num_classes": 2**31}})
+    assert describe(recipe.data).num_classes == 2**31
+    listed = Recipe.model_validate({"data": {"source": "synthetic", "num_classes": 2**31, "samples": 100,
+                                             "classes": [1, 200]}})
+    with pytest.raises(UsageError, match="class 200 has no rows; the data's labels are 0..99"):
+        describe(listed.data)
