@@ -191,3 +191,34 @@ def test_synthetic_data_of_two_billion_classes_is_described_without_counting_eac
                                              "classes": [1, 200]}})
     with pytest.raises(UsageError, match="class 200 has no rows; the data's labels are 0..99"):
         describe(listed.data)
+
+
+def test_a_run_of_a_trillion_snapshot_cycles_is_refused_not_listed(tmp_path):
+    """The planner listed every cycle's end for schedule.snapshots: max_steps 10**12 in
+    one-step cycles never finished planning."""
+    from launcher.data.facts import describe
+    from launcher.plan import HostFacts, build_plan
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("data: {source: synthetic, samples: 64}\nprecision: {dtype: fp32}\n"
+                    "schedule: {name: cosine_restarts, snapshots: true, restart_period: 1, min_lr_ratio: 0}\n"
+                    "train: {max_steps: 1000000000000, early_stopping: {patience: null}}\n")
+    recipe, _ = load_recipe(path)
+    with pytest.raises(UsageError) as info:
+        build_plan(recipe, host=HostFacts(has_cuda=False, cpus=2, hostname="h"), data=describe(recipe.data),
+                   run_dir=str(tmp_path / "run"))
+    assert str(info.value) == ("error: schedule.restart_period: 950000000000 warm-restart cycles would save "
+                               "950000000000 snapshots, each a copy of the weights; set a longer restart_period "
+                               "(or a restart_mult above 1) for at most 1000")
+
+
+def test_cycles_are_counted_as_listed():
+    from launcher.schedules import ScheduleShape, cycle_count, cycle_ends
+
+    for total in range(2, 40):
+        for warmup in range(0, min(total, 4)):
+            for period in (None, 1, 2, 5):
+                for mult in (1, 2, 3):
+                    shape = ScheduleShape(name="cosine_restarts", total_steps=total, warmup_steps=warmup,
+                                          min_lr_ratio=0.0, restart_period=period, restart_mult=mult)
+                    assert cycle_count(shape) == len(cycle_ends(shape)), shape
