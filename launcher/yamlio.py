@@ -257,6 +257,9 @@ def parse_override(spec: str) -> tuple[tuple[str, ...], Any]:
             f"cannot read override {spec!r}; write it as key.path=value, e.g. optim.lr=3e-4",
             key="--set",
         )
+    if len(parts) > MAX_DEPTH:  # as deep as a document may nest: each part is a level
+        raise UsageError(f"a key path of {len(parts)} parts; a recipe nests at most {MAX_DEPTH} levels deep",
+                         key="--set")
     return parts, parse_scalar(value)
 
 

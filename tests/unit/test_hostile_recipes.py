@@ -222,3 +222,11 @@ def test_cycles_are_counted_as_listed():
                     shape = ScheduleShape(name="cosine_restarts", total_steps=total, warmup_steps=warmup,
                                           min_lr_ratio=0.0, restart_period=period, restart_mult=mult)
                     assert cycle_count(shape) == len(cycle_ends(shape)), shape
+
+
+def test_an_override_key_path_deeper_than_a_document_may_nest_is_refused():
+    """`--set model.kwargs.a.a.a...` built a mapping 5000 deep, past the stack of every walk."""
+    with pytest.raises(UsageError) as info:
+        parse_override("model.kwargs" + ".a" * 5000 + "=1")
+    assert str(info.value) == "error: --set: a key path of 5002 parts; a recipe nests at most 64 levels deep"
+    assert parse_override("model.kwargs" + ".a" * 62 + "=1")[0] == ("model", "kwargs", *["a"] * 62)

@@ -422,7 +422,8 @@ override_keys = st.one_of(
         "data.classes.0", "optim.betas.1", "optim.lr.x", "name.x", "model.unfreeze.0.at_step",
         "model.kwargs.hidden", "model.kwargs.a.b.c", "cluster.slurm.env.WANDB_API_KEY",
         "cluster.slurm.env.A B", "cluster.slurm.env.1A", "sweep.space.optim.lr.uniform",
-        "engine.deepspeed_config.zero_optimization.stage", "logging.mlflow.tracking_uri"]),
+        "engine.deepspeed_config.zero_optimization.stage", "logging.mlflow.tracking_uri",
+        "model.kwargs" + ".a" * 5000, "sweep.space" + ".x" * 100]),
     st.sampled_from(["", ".", "..", "a..b", ".lr", "lr.", " ", "optim .lr", "=", "optim=lr"]),
     st.text(max_size=15),
 )
@@ -433,13 +434,19 @@ override_values = st.one_of(
     st.sampled_from(["", "!!python/object/apply:os.system ['true']", "&a [*a]", "*a", "[" * 3000,
                      "[&a [1, 1, 1, 1], &b [*a, *a, *a, *a], [*b, *b, *b, *b]]", "{", "- x", "a: b: c", "|",
                      "'open", "1e999", "-.inf", ".nan", "9" * 5000, "sqlite:///x.db",
-                     "http://user:secret@host:5000", "x\ny", "%YAML 1.1", "---", "a\n---\nb"]),
+                     "http://user:secret@host:5000", "https://t0ken@host", "http://[::1:5000", "x\ny", "%YAML 1.1",
+                     "---", "a\n---\nb"]),
     alias_bombs(), deep_nesting(),
 )
 
 
-overrides = st.tuples(override_keys, st.sampled_from(["=", "=", "=", "", "==", " = ", ":"]), override_values) \
-    .map("".join)
+overrides = st.one_of(
+    st.tuples(override_keys, st.sampled_from(["=", "=", "=", "", "==", " = ", ":"]), override_values).map("".join),
+    # a real key with a value of its own type, as YAML's flow style writes it
+    st.sampled_from(FIELDS).flatmap(lambda field: st.one_of(field[1], field[2]).map(
+        lambda value, path=field[0]: f"{'.'.join(path)}={yaml.dump(value, Dumper=Dumper, default_flow_style=True)}"
+        .rstrip("\n").removesuffix("\n..."))),
+)
 
 
 @fuzzed(3000)
