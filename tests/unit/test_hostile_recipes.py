@@ -230,3 +230,20 @@ def test_an_override_key_path_deeper_than_a_document_may_nest_is_refused():
         parse_override("model.kwargs" + ".a" * 5000 + "=1")
     assert str(info.value) == "error: --set: a key path of 5002 parts; a recipe nests at most 64 levels deep"
     assert parse_override("model.kwargs" + ".a" * 62 + "=1")[0] == ("model", "kwargs", *["a"] * 62)
+
+
+def test_model_kwargs_torch_cannot_build_are_a_model_kwargs_error(tmp_path):
+    """Planning a transfer-learning recipe builds its model (on the meta device); torch's
+    RuntimeError for a negative layer size came out as a traceback."""
+    import argparse
+
+    from launcher import cli
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("data: {source: synthetic, samples: 64}\nmodel: {freeze: ['*'], kwargs: {hidden: [-1]}}\n")
+    args = argparse.Namespace(recipe=str(path), overrides=[], address=None, script=None, cluster=None, nodes=None,
+                              procs_per_node=None)
+    with pytest.raises(UsageError) as info:
+        cli._make_plan(args, [], "20260101-000000")
+    assert str(info.value).startswith("error: model.kwargs (line 2): mlp with {'hidden': [-1]}: Trying to create "
+                                      "tensor with negative dimension -1")
