@@ -36,6 +36,7 @@ from launcher.monitor import read_records
 from launcher.plan import LaunchPlan
 from launcher.rundir import CHECKPOINTS, PLAN, RECIPE, write_atomic
 from launcher.sweep import SweepSpec, overrides_for
+from launcher.yamlio import dump_yaml
 
 SETTINGS = "sweep.json"
 TUNE_DIR = "tune"
@@ -146,7 +147,7 @@ def run_trial(config: dict[str, Any], sweep_dir: str, pbt: bool) -> None:
         rundir.create(plan, settings["command"])
     elif record is not None and record["overrides"] != overrides:  # PBT changed the values
         write_atomic(run_dir / PLAN, plan.to_json())
-        write_atomic(run_dir / RECIPE, yaml.safe_dump(plan.recipe.model_dump(mode="json"), sort_keys=False))
+        write_atomic(run_dir / RECIPE, dump_yaml(plan.recipe.model_dump(mode="json")))
     # Under PBT, the weights this trial goes on from: Tune's copy of a checkpoint some
     # trial (this one, or a better one) reported, named after that trial.
     adopted = record.get("adopted", []) if record else []
@@ -283,7 +284,7 @@ def write_best(sweep_dir: Path, rows: list[dict[str, Any]], spec: SweepSpec) -> 
     header = (f"# The best trial ({best['trial_id']}) of the sweep in {sweep_dir}:\n"
               f"# {spec.metric} {best['last']:.6g} at its end. Its values: "
               f"{', '.join(best['overrides']) or 'the recipe as it is'}.\n")
-    write_atomic(sweep_dir / BEST, header + yaml.safe_dump(recipe, sort_keys=False))
+    write_atomic(sweep_dir / BEST, header + dump_yaml(recipe))
     return best
 
 

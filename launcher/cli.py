@@ -639,15 +639,14 @@ def _create_sweep_dir(sweep_dir: Path, recipe, plans: list) -> None:
     """recipe.yaml and sweep.json, all or nothing (like a run dir)."""
     import shutil
 
-    import yaml
-
     from launcher.rundir import RECIPE, write_durably
+    from launcher.yamlio import dump_yaml
 
     staging = sweep_dir.with_name(f".{sweep_dir.name}.tmp")
     topology = plans[0].topology
     try:
         (staging / "trials").mkdir(parents=True)
-        write_durably(staging / RECIPE, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        write_durably(staging / RECIPE, dump_yaml(recipe.model_dump(mode="json")))
         write_durably(staging / "sweep.json", json.dumps(
             {"nodes": topology.nodes, "procs_per_node": topology.procs_per_node, "cwd": os.getcwd(),
              "command": sys.argv}, indent=2) + "\n")

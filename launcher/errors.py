@@ -36,4 +36,13 @@ class UsageError(Exception):
             elif self.origin:
                 where += f" ({self.origin})"
             where += ": "
-        return f"error: {where}{self.message}"
+        return printable(f"error: {where}{self.message}")
+
+
+def printable(text: str) -> str:
+    """``text`` as one line of visible characters: a line break, tab or escape sequence
+    (from a key, a path or a library's message) written as Python writes it, ``\\n``,
+    ``\\x1b``, so that it neither splits the error nor drives the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -28,14 +28,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from launcher.errors import UsageError
 from launcher.lr_sweep import DIVERGENCE, RULE, Suggestion, diverged, smooth, suggest, sweep_lrs
 from launcher.plan import HostFacts, LaunchPlan, build_plan
 from launcher.recipe import recipe_from_data
 from launcher.rundir import RECIPE, write_durably
-from launcher.yamlio import SourceMap
+from launcher.yamlio import SourceMap, dump_yaml
 
 if TYPE_CHECKING:
     from launcher.data.datasets import Split
@@ -180,7 +178,7 @@ def write_result(run_dir: Path, plan: LaunchPlan, test_plan: LaunchPlan, setting
     try:
         staging.mkdir(parents=True)
         write_durably(staging / CURVE, json.dumps(record, indent=2) + "\n")
-        write_durably(staging / RECIPE, yaml.safe_dump(plan.recipe.model_dump(mode="json"), sort_keys=False))
+        write_durably(staging / RECIPE, dump_yaml(plan.recipe.model_dump(mode="json")))
         _plot(curve, suggestion, run_dir.name).savefig(staging / PLOT, dpi=110)
         os.rename(staging, run_dir)
     except BaseException as exc:

@@ -18,7 +18,11 @@ from launcher.engine_config import accelerate_kwargs, deepspeed_config
 from launcher.errors import UsageError
 from launcher.models.facts import ModelFacts, uses_transfer
 from launcher.recipe import DataConfig, Recipe
-from launcher.schedules import ScheduleShape, cycle_ends
+from launcher.schedules import ScheduleShape, cycle_count, cycle_ends
+
+MAX_SNAPSHOTS = 1000
+"""Snapshots a run may save (schedule.snapshots): an ensemble uses a handful, and each is
+a full copy of the weights, listed in the plan."""
 
 
 class _Value(BaseModel):
@@ -218,7 +222,12 @@ def _steps(recipe: Recipe, data: DataFacts, global_batch: int, world_size: int) 
     if schedule.snapshots and schedule.name != "cosine_restarts":
         raise UsageError(f"snapshots are taken at the ends of warm-restart cycles; {schedule.name} has "
                          "none: set schedule.name: cosine_restarts", key="schedule.snapshots")
-    snapshots = cycle_ends(schedule_shape(recipe, total, warmup)) if schedule.snapshots else []
+    shape = schedule_shape(recipe, total, warmup)
+    if schedule.snapshots and (cycles := cycle_count(shape)) > MAX_SNAPSHOTS:
+        raise UsageError(f"{cycles} warm-restart cycles would save {cycles} snapshots, each a copy of the "
+                         f"weights; set a longer restart_period (or a restart_mult above 1) for at most "
+                         f"{MAX_SNAPSHOTS}", key="schedule.restart_period")
+    snapshots = cycle_ends(shape) if schedule.snapshots else []
     return StepPlan(total=total, per_epoch=per_epoch, warmup=warmup, eval_every=eval_every,
                     checkpoint_every=min(train.checkpoint_every or eval_every, total),
                     log_every=recipe.logging.log_every, snapshots=tuple(snapshots))

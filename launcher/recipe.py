@@ -11,13 +11,15 @@ best practice: AdamW, warmup then cosine, gradient clipping at 1.0, bf16.
 from __future__ import annotations
 
 import difflib
+import math
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from launcher.credentials import names_credential
 from launcher.errors import UsageError
 from launcher.yamlio import KeyPath, SourceMap, apply_override, load_yaml, parse_override
 
@@ -485,7 +487,10 @@ class SlurmConfig(Section):
     extra_sbatch: list[str] = Field(default_factory=list)
     """More sbatch options, one per entry, e.g. `--mail-type=END`."""
     env: dict[str, str] = Field(default_factory=dict)
-    """Environment variables exported in the job (values are shell-quoted)."""
+    """Environment variables exported in the job (values are shell-quoted). Not credentials
+    (WANDB_API_KEY, HF_TOKEN, ...: a name with KEY, TOKEN, SECRET or PASSWORD as a word),
+    which would be written to the run dir and the script: export those in the shell that
+    runs dlaunch, whose environment sbatch passes on."""
     setup: list[str] = Field(default_factory=list)
     """Shell lines run before the agents start, as written (`module load cuda`,
     `source /path/venv/bin/activate`)."""
@@ -619,6 +624,46 @@ def _describe(error: dict[str, Any]) -> str:
     return message[0].lower() + message[1:]
 
 
+def _check_values(value: Any, loc: KeyPath, source: SourceMap) -> None:
+    """Every value, in typed fields and free-form ones (model.kwargs, deepspeed_config)
+    alike, is one that JSON carries to the workers (plan.json has no NaN or Infinity, and
+    its UTF-8 no lone surrogate such as YAML's "\\ud800") and that torch, numpy and
+    DeepSpeed take (64-bit integers)."""
+    problem = None
+    if isinstance(value, float) and not math.isfinite(value):
+        problem = f"{value} is not a finite number"
+    elif isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+        problem = f"an integer of {len(str(abs(value)))} digits does not fit in 64 bits"
+    elif isinstance(value, str) and not _is_unicode(value):
+        problem = f"the text {_SURROGATE}"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and not _is_unicode(key):
+                _refuse(f"the key {_SURROGATE}", (*loc, key), source)
+            _check_values(item, (*loc, key), source)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_values(item, (*loc, index), source)
+    if problem is not None:
+        _refuse(problem, loc, source)
+
+
+_SURROGATE = "holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is no character; write the character itself"
+
+
+def _refuse(problem: str, loc: KeyPath, source: SourceMap) -> None:
+    line, origin = source.locate(loc)
+    raise UsageError(problem, key=".".join(map(str, loc)) or source.filename, line=line, origin=origin)
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def recipe_from_data(data: Any, source: SourceMap) -> Recipe:
     """Validate parsed YAML into a Recipe; the first problem becomes a UsageError."""
     if data is None:
@@ -626,13 +671,17 @@ def recipe_from_data(data: Any, source: SourceMap) -> Recipe:
     if not isinstance(data, dict):
         raise UsageError("a recipe must be a mapping of sections (model:, data:, ...)",
                          key=source.filename, line=1)
+    _check_values(data, (), source)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
-        loc = tuple(error["loc"])
+        loc, message = tuple(error["loc"]), _describe(error)
+        if error["type"] == "invalid_key" or loc[-1:] == ("[key]",):  # `1: x`, `null: x`
+            loc = loc[:-2] if loc[-1] == "[key]" else loc[:-1]
+            message = f"key {error['input']!r} is not text; put it in quotes"
         line, origin = source.locate(loc)
-        raise UsageError(_describe(error), key=".".join(map(str, loc)) or source.filename,
+        raise UsageError(message, key=".".join(map(str, loc)) or source.filename,
                          line=line, origin=origin) from None
     try:
         _check_consistency(recipe)
@@ -661,6 +710,10 @@ def _check_consistency(recipe: Recipe) -> None:
         if not name.isidentifier() or not name.isascii():
             raise UsageError(f"{name!r} is not an environment variable name",
                              key=f"cluster.slurm.env.{name}")
+        if names_credential(name):
+            raise UsageError("a credential here would be written to recipe.yaml, plan.json, the sbatch script "
+                             "and the trackers' parameters; export it in the shell that runs dlaunch instead "
+                             "(sbatch passes that environment on to the job)", key=f"cluster.slurm.env.{name}")
     for index, option in enumerate(recipe.cluster.slurm.extra_sbatch):
         if not option.startswith("-") or any(c in option for c in "\n\r\x00"):
             raise UsageError(f"{option!r} is not one sbatch option such as --mail-type=END",
@@ -668,10 +721,34 @@ def _check_consistency(recipe: Recipe) -> None:
     if recipe.train.monitor not in ("val_loss", "val_acc"):
         raise UsageError(f"cannot monitor {recipe.train.monitor!r}; use val_loss or val_acc",
                          key="train.monitor")
-    tracking_uri = recipe.logging.mlflow.tracking_uri
-    if tracking_uri is not None and urlsplit(tracking_uri).password is not None:
+    if recipe.logging.mlflow.tracking_uri is not None:
+        _check_tracking_uri(recipe.logging.mlflow.tracking_uri)
+
+
+def _check_tracking_uri(uri: str) -> None:
+    """No credential in the URI: it is written to recipe.yaml, plan.json and the logs. A
+    server's go in MLflow's variables; a database's in its own (PGPASSWORD, ~/.pgpass),
+    though the database URI may name its user."""
+    key = "logging.mlflow.tracking_uri"
+    try:
+        parts = urlsplit(uri)
+        password, user = parts.password, parts.username
+    except ValueError as exc:
+        raise UsageError(f"{uri!r} is not a URI: {exc}", key=key) from None
+    server = parts.scheme in ("http", "https")
+    if password is not None and server:
         raise UsageError("a password here would be written to recipe.yaml and plan.json; give it in "
-                         "MLFLOW_TRACKING_PASSWORD instead", key="logging.mlflow.tracking_uri")
+                         "MLFLOW_TRACKING_PASSWORD instead", key=key)
+    if password is not None:
+        raise UsageError("a password here would be written to recipe.yaml and plan.json; give it the "
+                         "database's own way (PGPASSWORD or ~/.pgpass, MYSQL_PWD or ~/.my.cnf)", key=key)
+    if user is not None and server:
+        raise UsageError("a user name or token here would be written to recipe.yaml and plan.json; give it in "
+                         "MLFLOW_TRACKING_USERNAME, or a token in MLFLOW_TRACKING_TOKEN", key=key)
+    secret = next((name for name, _ in parse_qsl(parts.query) if names_credential(name)), None)
+    if secret is not None:
+        raise UsageError(f"the query's {secret} would be written to recipe.yaml and plan.json; give a token in "
+                         "MLFLOW_TRACKING_TOKEN instead", key=key)
 
 
 def _check_loading(data: DataConfig) -> None:

@@ -41,11 +41,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from launcher.credentials import may_hold_credential
 from launcher.errors import UsageError
 from launcher.plan import LaunchPlan
 from launcher.recipe import Recipe
+from launcher.yamlio import dump_yaml
 
 PLAN = "plan.json"
 RECIPE = "recipe.yaml"
@@ -106,9 +106,12 @@ def new_run_dir(root: str | Path, name: str, stamp: str) -> Path:
     elsewhere), with a -2, -3... suffix if two runs share a second."""
     base = Path(root).absolute() / f"{name}-{stamp}"
     candidate, n = base, 1
-    while candidate.exists():
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
+    try:
+        while candidate.exists():
+            n += 1
+            candidate = base.with_name(f"{base.name}-{n}")
+    except OSError as exc:  # a path too long, a folder we may not look into
+        raise UsageError(f"cannot use {str(base)!r}: {exc.strerror or exc}", key="logging.run_root") from None
     return candidate
 
 
@@ -135,11 +138,10 @@ def _env_record(plan: LaunchPlan, argv: list[str]) -> dict[str, Any]:
 # Variables that change how a run behaves. Anything that looks like a credential is left
 # out even if it matches: run directories get shared and uploaded.
 _VAR_PREFIXES = ("CUDA_", "NCCL_", "OMP_", "MKL_", "TORCH_", "PYTORCH_", "SLURM_JOB_", "DLAUNCH_")
-_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
 
 
 def _is_reproducibility_var(name: str) -> bool:
-    return name.startswith(_VAR_PREFIXES) and not any(w in name.upper() for w in _SECRET_WORDS)
+    return name.startswith(_VAR_PREFIXES) and not may_hold_credential(name)
 
 
 def _git_state() -> dict[str, Any] | None:
@@ -178,7 +180,7 @@ def create(plan: LaunchPlan, argv: list[str]) -> Path:
         staging.mkdir(parents=True)
         (staging / LOGS).mkdir()
         write_durably(staging / PLAN, plan.to_json())
-        write_durably(staging / RECIPE, yaml.safe_dump(plan.recipe.model_dump(mode="json"), sort_keys=False))
+        write_durably(staging / RECIPE, dump_yaml(plan.recipe.model_dump(mode="json")))
         write_durably(staging / ENV, json.dumps(_env_record(plan, argv), indent=2) + "\n")
         if plan.training is not None:
             engine = plan.training.engine

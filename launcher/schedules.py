@@ -78,6 +78,16 @@ def cycle_ends(shape: ScheduleShape) -> list[int]:
     return [*ends, shape.total_steps]
 
 
+def cycle_count(shape: ScheduleShape) -> int:
+    """``len(cycle_ends(shape))`` without listing them: cycles of constant length
+    (restart_mult 1) are as many as the run's steps allow, 10**12 of them for all the
+    planner knows; growing ones are a few dozen at most."""
+    if shape.restart_mult == 1:
+        first = _first_period(shape)
+        return len(range(shape.warmup_steps + first, shape.total_steps, first)) + 1
+    return len(cycle_ends(shape))
+
+
 def group_scale(group: dict[str, Any], step: int) -> float:
     """A param group's share of the scheduled LR at ``step``: its ``lr_multiplier``
     (discriminative fine-tuning), and 0 before its ``start_step`` (gradual unfreezing)."""

@@ -15,14 +15,14 @@ import numpy as np
 from launcher.errors import UsageError
 
 
-def rows_of(classes: Sequence[int], counts: Mapping[int, int]) -> int:
-    """Rows of the listed ``classes``, given the rows of each label of the source; a
-    listed class without rows is an error (a typo must not train on nothing)."""
+def rows_of(classes: Sequence[int], counts: Mapping[int, int], labels: str | None = None) -> int:
+    """Rows of the listed ``classes``, given the rows of each label of the source (of
+    the listed ones at least, when ``labels`` says which labels have rows); a listed
+    class without rows is an error (a typo must not train on nothing)."""
     empty = [c for c in classes if not counts.get(c)]
     if empty:
-        present = sorted(label for label, count in counts.items() if count)
-        raise UsageError(f"class {empty[0]} has no rows; the data's labels are "
-                         f"{_span(present)}", key="data.classes")
+        labels = labels or _span(sorted(label for label, count in counts.items() if count))
+        raise UsageError(f"class {empty[0]} has no rows; the data's labels are {labels}", key="data.classes")
     return sum(counts[c] for c in classes)
 
 

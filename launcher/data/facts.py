@@ -107,7 +107,15 @@ def _is_binary(dtype: object) -> bool:
 
 
 def describe(cfg: DataConfig) -> DataFacts:
+    try:
+        return _describe(cfg)
+    except OSError as exc:  # a path too long, unreadable, a loop of links: the user's to fix
+        raise UsageError(f"cannot read {cfg.path!r}: {exc.strerror or exc}", key="data.path") from None
+
+
+def _describe(cfg: DataConfig) -> DataFacts:
     encoded_images = cfg.source == "images"
+    labels = None
     if cfg.source == "digits":
         num_rows, shape, classes = DIGITS_ROWS, DIGITS_SHAPE, DIGITS_CLASSES
         counts = dict(enumerate(DIGITS_CLASS_ROWS))
@@ -122,14 +130,16 @@ def describe(cfg: DataConfig) -> DataFacts:
         else:
             shape, classes = (cfg.num_features,), cfg.num_classes
         # The generator deals labels 0, 1, ..., C-1, 0, 1, ... before shuffling them.
-        counts = {c: len(range(c, cfg.samples, cfg.num_classes)) for c in range(cfg.num_classes)}
+        # Counted for the listed classes only: C may be more labels than memory holds.
+        counts = {c: len(range(c, cfg.samples, cfg.num_classes)) for c in cfg.classes or () if c < cfg.num_classes}
+        labels = f"0..{min(cfg.num_classes, cfg.samples) - 1}"
     else:
         num_rows, shape, classes, encoded_images, counts = _parquet_facts(cfg)
         if cfg.streaming and encoded_images:
             raise UsageError("streaming reads feature and token rows; an image column is read "
                              "whole (set data.streaming: false)", key="data.streaming")
     if cfg.classes is not None:
-        num_rows, classes = rows_of(cfg.classes, counts), len(cfg.classes)
+        num_rows, classes = rows_of(cfg.classes, counts, labels), len(cfg.classes)
     if cfg.shape is not None:
         if encoded_images:
             raise UsageError("images reach the model as 3 x image_size x image_size; set "

@@ -194,8 +194,11 @@ def describe_model(recipe: Recipe, data: DataFacts) -> ModelFacts:
     source = read_shapes(init) if init is not None else None
     if cfg.target is not None:
         return ModelFacts(init)
-    with torch.device("meta"):
-        model = build_model(cfg, data)
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg, data)
+    except RuntimeError as exc:  # torch's word for a shape it cannot make: hidden: [-1]
+        raise UsageError(f"{cfg.name} with {cfg.kwargs}: {exc}", key="model.kwargs") from None
     transfer = Transfer.of(model, recipe)
     if source is not None:
         check_fit(shapes_of(model), source, cfg.init_exclude, str(cfg.init_from))

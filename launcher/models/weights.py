@@ -38,6 +38,15 @@ Shapes = dict[str, tuple[int, ...]]
 
 def resolve(path: str) -> WeightsSource:
     """The weights ``path`` names: a run directory, a checkpoint of one, or a file."""
+    try:
+        return _resolve(path)
+    except RuntimeError:  # `~user/...` of a user this host does not know
+        raise UsageError(f"{path!r}: no such user's home directory", key=KEY) from None
+    except OSError as exc:  # a path too long, unreadable, a loop of links
+        raise UsageError(f"cannot read {path!r}: {exc.strerror or exc}", key=KEY) from None
+
+
+def _resolve(path: str) -> WeightsSource:
     where = Path(path).expanduser().absolute()
     if where.is_dir():
         if (where / PLAN).is_file():

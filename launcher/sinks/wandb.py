@@ -10,14 +10,32 @@ it. W&B reads WANDB_API_KEY itself; dlaunch never touches it.
 from __future__ import annotations
 
 import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import wandb
 
+from launcher.credentials import may_hold_credential
 from launcher.plan import LaunchPlan
 from launcher.rundir import RECIPE
 from launcher.sinks import Status, scalars
+
+
+@contextmanager
+def _slurm_credentials_hidden() -> Iterator[None]:
+    """W&B's core process, started by wandb.init, records every SLURM_* variable of its
+    environment in the run's metadata, SLURM_JWT (a Slurm REST token) too. It starts
+    without those that hold credentials; this process keeps them (scontrol may need the
+    token to requeue the job)."""
+    hidden = {name: os.environ.pop(name) for name in list(os.environ)
+              if name.startswith("SLURM_") and may_hold_credential(name)}
+    try:
+        yield
+    finally:
+        os.environ.update(hidden)
 
 
 def run_id(run_dir: Path) -> str:
@@ -33,9 +51,10 @@ class WandbSink:
 
     def start(self, params: dict[str, Any], recipe_text: str) -> None:
         # console off: rank 0's terminal is the user's, and its log is logs/rank-0.log.
-        self._run = wandb.init(project=self._project, name=self._run_dir.name, id=run_id(self._run_dir),
-                               resume="allow", mode=self._config.mode, dir=self._run_dir, config=params,
-                               settings=wandb.Settings(console="off", silent=True))
+        with _slurm_credentials_hidden():
+            self._run = wandb.init(project=self._project, name=self._run_dir.name, id=run_id(self._run_dir),
+                                   resume="allow", mode=self._config.mode, dir=self._run_dir, config=params,
+                                   settings=wandb.Settings(console="off", silent=True))
         # W&B keeps (and syncs) what is written to the run's own files folder.
         (Path(self._run.dir) / RECIPE).write_text(recipe_text)
 

@@ -1,0 +1,106 @@
+"""A run root that cannot take the run directory, found before training: on a full file
+system or a read-only one, `dlaunch run` ends with one line `error: logging.run_root ...`
+and exit code 2, and leaves nothing behind: no staging directory, no part of a run
+directory, no run root it made itself. (A regular file in the way of the run root is
+tests/integration/test_cli_errors.py::test_unwritable_run_dir.)
+
+The file systems are real: a 64 KiB tmpfs, filled or remounted read-only. Mounting needs
+root, as CI has; elsewhere these tests are skipped and say why."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+
+import pytest
+
+from launcher import cli, rundir
+from launcher.errors import UsageError
+from tests.conftest import dlaunch
+
+pytestmark = pytest.mark.integration
+
+RECIPE = """name: tiny
+data: {{source: synthetic, samples: 64, num_features: 4}}
+precision: {{dtype: fp32}}
+train: {{micro_batch_size: 8, max_steps: 2}}
+logging:
+  run_root: {root}
+  progress: false
+  report: false
+"""
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A fresh 64 KiB tmpfs, unmounted at the end whatever happened."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def fill(mount, free_pages: int) -> None:
+    """Leave exactly ``free_pages`` pages of ``mount`` free."""
+    (mount / "filler").unlink(missing_ok=True)
+    stats = os.statvfs(mount)
+    (mount / "filler").write_bytes(bytes((stats.f_bavail - free_pages) * stats.f_frsize))
+    assert os.statvfs(mount).f_bavail == free_pages
+
+
+def run_on(tmp_path, run_root):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.format(root=run_root))
+    return dlaunch("run", str(recipe), cwd=tmp_path)
+
+
+def refused(result, reason: str, run_root) -> None:
+    assert result.returncode == 2, result.stderr[-3000:]
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"error: logging.run_root (line 6): cannot create run directory '{run_root}/tiny-")
+    assert line.endswith(f"': {reason}") and "Traceback" not in result.stderr
+
+
+def test_a_full_file_system_is_refused_before_training_and_keeps_nothing(tmp_path, tiny_fs):
+    for free_pages in (0, 2):  # nothing fits; plan.json fits, and the next file does not
+        fill(tiny_fs, free_pages)
+        refused(run_on(tmp_path, tiny_fs / "runs"), "No space left on device", tiny_fs / "runs")
+        assert sorted(p.name for p in tiny_fs.iterdir()) == ["filler"], "a part of the run dir was left"
+        assert os.statvfs(tiny_fs).f_bavail == free_pages
+
+
+def test_running_out_of_space_at_any_write_of_the_run_dir_leaves_nothing(tmp_path, tiny_fs):
+    """rundir.create, as `dlaunch run` calls it, given one page less each time than the run
+    dir needs: each of its writes meets ENOSPC in turn, and each time it all goes."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.format(root=tiny_fs / "runs"))
+    args = argparse.Namespace(recipe=str(recipe), overrides=[], address=None, script=None, cluster=None,
+                              nodes=None, procs_per_node=None)
+    plan, _ = cli._make_plan(args, [], "20260101-000000")
+    free = os.statvfs(tiny_fs).f_bavail
+    made = rundir.create(plan, ["dlaunch", "run"])
+    needed = free - os.statvfs(tiny_fs).f_bavail
+    written = sorted(p.name for p in made.iterdir())
+    assert written == ["ds_config.json", "env.json", "logs", "plan.json", "recipe.yaml"]
+    subprocess.run(["rm", "-r", str(tiny_fs / "runs")], check=True)
+    assert needed >= len(written) - 1  # a page for each file at least: every write is reached below
+    for free_pages in range(needed):
+        fill(tiny_fs, free_pages)
+        with pytest.raises(UsageError) as info:
+            rundir.create(plan, ["dlaunch", "run"])
+        assert str(info.value).endswith("': No space left on device")
+        assert sorted(p.name for p in tiny_fs.iterdir()) == ["filler"], f"left behind with {free_pages} pages free"
+
+
+def test_a_read_only_file_system_is_refused_before_training_and_keeps_nothing(tmp_path, tiny_fs):
+    (tiny_fs / "runs").mkdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
+    refused(run_on(tmp_path, tiny_fs / "runs"), "Read-only file system", tiny_fs / "runs")
+    assert list((tiny_fs / "runs").iterdir()) == []
