@@ -376,7 +376,7 @@ def _sample_batches(plan: LaunchPlan, train: Dataset) -> _Sample:
         waits.append(time.perf_counter() - started)
         if mixing:  # as Trainer._mix draws it, for rank 0
             step, micro = divmod(index, batch.grad_accum)
-            mix_seed = np.random.SeedSequence([seed, 0, step, micro]).generate_state(1)[0]
+            mix_seed = np.random.SeedSequence([seed % 2**64, 0, step, micro]).generate_state(1)[0]
             mixed_batch = mix_batch(inputs, targets, num_classes=plan.training.data.num_classes,
                                     mixup_alpha=augment.mixup_alpha, cutmix_alpha=augment.cutmix_alpha,
                                     label_smoothing=augment.label_smoothing,

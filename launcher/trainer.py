@@ -150,7 +150,7 @@ def mix_micro_batch(batch: Batch, plan: LaunchPlan, *, rank: int, step: int, mic
     augment = plan.recipe.data.augment
     if not (augment.mixup_alpha or augment.cutmix_alpha or augment.label_smoothing):
         return batch
-    seed = np.random.SeedSequence([plan.recipe.train.seed, rank, step, micro]).generate_state(1)[0]
+    seed = np.random.SeedSequence([plan.recipe.train.seed % 2**64, rank, step, micro]).generate_state(1)[0]
     return mix_batch(*batch, num_classes=plan.training.data.num_classes,
                      mixup_alpha=augment.mixup_alpha, cutmix_alpha=augment.cutmix_alpha,
                      label_smoothing=augment.label_smoothing, generator=torch.Generator().manual_seed(int(seed)))

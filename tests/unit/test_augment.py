@@ -284,3 +284,22 @@ def test_cross_entropy_of_mixup_targets_is_the_lam_weighted_hard_label_loss():
     lam = targets[0, LABELS[0]].item()
     hard = lam * F.cross_entropy(logits, LABELS) + (1 - lam) * F.cross_entropy(logits, LABELS.flip(0))
     assert math.isclose(F.cross_entropy(logits, targets).item(), hard.item(), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [1234, -1])
+def test_a_micro_batch_is_mixed_the_same_way_for_any_seed_the_schema_allows(seed):
+    """The trainer's draw from (seed, rank, step, micro-batch): a negative train.seed,
+    which the schema allows, mixes as well as a positive one, and the same draw twice
+    mixes alike (a resumed run mixes as the uninterrupted one did)."""
+    from types import SimpleNamespace
+
+    from launcher.trainer import mix_micro_batch
+
+    augment = SimpleNamespace(mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.0)
+    plan = SimpleNamespace(recipe=SimpleNamespace(train=SimpleNamespace(seed=seed), data=SimpleNamespace(augment=augment)),
+                           training=SimpleNamespace(data=SimpleNamespace(num_classes=3)))
+    batch = (torch.randn(4, 8), torch.tensor([0, 1, 2, 0]))
+    first = mix_micro_batch(batch, plan, rank=1, step=5, micro=0)
+    again = mix_micro_batch(batch, plan, rank=1, step=5, micro=0)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], batch[0])
