@@ -124,6 +124,19 @@ def resume_to_identical_weights(run_dir: Path, straight_dir: Path,
     return resumed
 
 
+CLUSTER_FIXTURES = {"slurm_cluster", "ray_cluster"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`-n 2 --dist loadgroup`, the default addopts), every test that
+    uses the dev Slurm cluster or the two-node Ray cluster runs in the same worker: each
+    is started once per worker process, and two Slurm clusters on one host would fight
+    over munge, the state directory and their ports."""
+    for item in items:
+        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("clusters"))
+
+
 @pytest.fixture
 def write_recipe(tmp_path):
     def write(text: str, name: str = "recipe.yaml") -> Path:
