@@ -127,6 +127,7 @@ def resume_to_identical_weights(run_dir: Path, straight_dir: Path,
 CLUSTER_FIXTURES = {"slurm_cluster", "ray_cluster"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`-n 2 --dist loadgroup`, the default addopts), every test that
     uses the dev Slurm cluster or the two-node Ray cluster runs in the same worker: each
