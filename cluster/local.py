@@ -15,6 +15,7 @@ that hosts the rendezvous store, cannot be restarted from the inside.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -23,6 +24,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 from cluster.base import JobState
 from cluster.failure import (
@@ -32,7 +34,7 @@ from cluster.failure import (
     rank_failure_report,
     restart_line,
 )
-from cluster.process import Terminated, sigterm_raises, worker_pythonpath
+from cluster.process import Terminated, worker_pythonpath
 from launcher.faults import ATTEMPT_VAR
 from launcher.plan import LaunchPlan
 from launcher.rundir import rank_log, rank_progress, rank_status
@@ -96,6 +98,7 @@ class LocalJob:
         self._agents = _start_agents(plan, self.attempt)
         self.job_id = f"local-{self._agents[0].pid}"
         self._cancelled = False
+        self._signals: list[int] = []  # SIGINT / SIGTERM as they came, while wait() runs
         # cancel() and wait() may stop (and wait() restart) the agents from two threads.
         self._stopping = threading.Lock()
 
@@ -119,18 +122,21 @@ class LocalJob:
         """Supervise attempts until one succeeds, the job is stopped, or a failure finds
         no restart left; each failure is reported as it happens."""
         max_restarts = self.plan.recipe.train.max_restarts
+        with self._noting_stop_signals():
+            return self._supervise(max_restarts)
+
+    def _supervise(self, max_restarts: int) -> int:
         try:
-            with sigterm_raises():
-                while (failure := self._wait_attempt()) is not None and not self._cancelled:
-                    report, final = failure
-                    print(report, file=sys.stderr)
-                    if final:  # a stop policy, or nothing to resume: another attempt would stop again
-                        return 1
-                    if self.attempt == max_restarts:
-                        if max_restarts:
-                            print(out_of_restarts_line(max_restarts), file=sys.stderr)
-                        return 1
-                    self._restart(max_restarts)
+            while (failure := self._wait_attempt()) is not None and not self._cancelled:
+                report, final = failure
+                print(report, file=sys.stderr)
+                if final:  # a stop policy, or nothing to resume: another attempt would stop again
+                    return 1
+                if self.attempt == max_restarts:
+                    if max_restarts:
+                        print(out_of_restarts_line(max_restarts), file=sys.stderr)
+                    return 1
+                self._restart(max_restarts)
         except KeyboardInterrupt:
             self._stop()
             return 128 + signal.SIGINT
@@ -138,6 +144,27 @@ class LocalJob:
             self._stop()
             return 128 + signal.SIGTERM
         return 128 + signal.SIGTERM if self._cancelled else 0
+
+    @contextlib.contextmanager
+    def _noting_stop_signals(self) -> Iterator[None]:
+        """SIGINT and SIGTERM are noted, then acted on between two polls of the agents.
+        Raised where they land, they could land inside Popen's bookkeeping and leave its
+        wait lock taken, and the stop that follows would then wait for that agent forever.
+        Handlers belong to the main thread; elsewhere (cancel()) the defaults stay."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, lambda signum, frame: self._signals.append(signum))
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _act_on_signals(self) -> None:
+        if self._signals:
+            raise KeyboardInterrupt if self._signals[0] == signal.SIGINT else Terminated
 
     def _wait_attempt(self) -> tuple[str, bool] | None:
         """Block until this attempt's agents have all exited 0 (None), or until one
@@ -158,6 +185,7 @@ class LocalJob:
         Of agents seen ending together, one killed by a signal (a negative code) goes
         first: the others failed because its ranks died."""
         while True:
+            self._act_on_signals()
             codes = [agent.poll() for agent in self._agents]
             endings.poll()  # after the agents: every rank end that made one exit is seen
             failed = [i for i, code in enumerate(codes) if code]
@@ -199,12 +227,10 @@ class LocalJob:
             live = [agent for agent in self._agents if agent.poll() is None]
             for agent in live:
                 _signal_group(agent, signal.SIGTERM)
-            deadline = time.monotonic() + GRACE_S
-            try:
-                for agent in live:
-                    agent.wait(max(0.0, deadline - time.monotonic()))
-            except (subprocess.TimeoutExpired, KeyboardInterrupt):
-                pass
+            deadline, signals = time.monotonic() + GRACE_S, len(self._signals)
+            while (any(agent.poll() is None for agent in live) and time.monotonic() < deadline
+                   and len(self._signals) == signals):  # a signal during the stop: no more grace
+                time.sleep(POLL_S)
             for agent in live:
                 if agent.poll() is None:
                     _signal_group(agent, signal.SIGKILL)

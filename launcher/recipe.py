@@ -626,9 +626,9 @@ def _describe(error: dict[str, Any]) -> str:
 
 def _check_values(value: Any, loc: KeyPath, source: SourceMap) -> None:
     """Every value, in typed fields and free-form ones (model.kwargs, deepspeed_config)
-    alike, is one that JSON carries to the workers (plan.json has no NaN or Infinity, and
-    its UTF-8 no lone surrogate such as YAML's "\\ud800") and that torch, numpy and
-    DeepSpeed take (64-bit integers)."""
+    alike, is one that JSON carries to the workers (plan.json has no NaN or Infinity, no
+    key but text, and its UTF-8 no lone surrogate such as YAML's "\\ud800") and that
+    torch, numpy and DeepSpeed take (64-bit integers)."""
     problem = None
     if isinstance(value, float) and not math.isfinite(value):
         problem = f"{value} is not a finite number"
@@ -638,7 +638,9 @@ def _check_values(value: Any, loc: KeyPath, source: SourceMap) -> None:
         problem = f"the text {_SURROGATE}"
     elif isinstance(value, dict):
         for key, item in value.items():
-            if isinstance(key, str) and not _is_unicode(key):
+            if not isinstance(key, str):  # JSON keys are text: plan.json would turn 1 or null into "1", "null"
+                _refuse(f"key {key!r} is not text; put it in quotes", loc, source)
+            if not _is_unicode(key):
                 _refuse(f"the key {_SURROGATE}", (*loc, key), source)
             _check_values(item, (*loc, key), source)
     elif isinstance(value, list):

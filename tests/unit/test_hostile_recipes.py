@@ -247,3 +247,12 @@ def test_model_kwargs_torch_cannot_build_are_a_model_kwargs_error(tmp_path):
         cli._make_plan(args, [], "20260101-000000")
     assert str(info.value).startswith("error: model.kwargs (line 2): mlp with {'hidden': [-1]}: Trying to create "
                                       "tensor with negative dimension -1")
+
+
+def test_a_key_that_is_not_text_deep_in_a_free_form_value_is_refused_where_it_is(tmp_path):
+    """`[?]` is a list holding the mapping {null: null}: plan.json would carry the key as
+    "null", and the workers would build another model than the one planned."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: {name: mlp, kwargs: {hidden: [?]}}\n")
+    with pytest.raises(UsageError, match=r"^error: model.kwargs.hidden.0 \(line 1\): key None is not text; put it in quotes$"):
+        load_recipe(str(recipe), [])
