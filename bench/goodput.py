@@ -2,7 +2,7 @@
 is SIGKILLed every K steps and the job restarts itself (train.max_restarts) from its
 latest checkpoint, against the same run without faults.
 
-    .venv/bin/python bench/goodput.py [--every 10 25 50] [--checkpoint-every 5 10] [--steps 100]
+    .venv/bin/python bench/goodput.py [--every 45 95 145] [--checkpoint-every 10 25] [--steps 300]
                                       [--out bench/results/goodput.json]
 
 A kept step is worth what a step costs in the fault-free run (its training loop's time
@@ -61,9 +61,11 @@ def run(root: Path, name: str, steps: int, checkpoint_every: int, every: int | N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--every", type=int, nargs="+", default=[10, 25, 50], help="steps between faults")
-    parser.add_argument("--checkpoint-every", type=int, nargs="+", default=[5, 10])
-    parser.add_argument("--steps", type=int, default=100)
+    # Fault intervals that are not multiples of the checkpoint intervals: a fault strikes
+    # between two checkpoints, as it would in a real run, and the steps since are lost.
+    parser.add_argument("--every", type=int, nargs="+", default=[45, 95, 145], help="steps between faults")
+    parser.add_argument("--checkpoint-every", type=int, nargs="+", default=[10, 25])
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--out", default="bench/results/goodput.json")
     args = parser.parse_args()
 
