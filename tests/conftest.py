@@ -112,16 +112,21 @@ def resume_to_identical_weights(run_dir: Path, straight_dir: Path,
     """`dlaunch run --resume` of the killed run in ``run_dir``: it continues from step
     ``killed_after`` and ends with the weights of the uninterrupted run in ``straight_dir``.
     Returns the resumed run's process, for what it printed."""
-    import torch
-
     resumed = dlaunch("run", "--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert metrics(run_dir, "resume")[0]["step"] == killed_after
+    assert_same_weights(run_dir, straight_dir)
+    return resumed
+
+
+def assert_same_weights(run_dir: Path, straight_dir: Path) -> None:
+    """Every tensor of ``run_dir``'s model.pt equals the uninterrupted run's, to the bit."""
+    import torch
+
     expected, actual = torch.load(straight_dir / "model.pt"), torch.load(run_dir / "model.pt")
     assert expected.keys() == actual.keys()
     for name in expected:
-        assert torch.equal(expected[name], actual[name]), f"{name} differs after resume"
-    return resumed
+        assert torch.equal(expected[name], actual[name]), f"{name} differs from the uninterrupted run"
 
 
 CLUSTER_FIXTURES = {"slurm_cluster", "ray_cluster"}

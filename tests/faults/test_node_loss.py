@@ -23,11 +23,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 
 from launcher.faults import spec
 from launcher.progress import read_position
-from tests.conftest import REPO, dlaunch, metrics, only_run_dir
+from tests.conftest import REPO, assert_same_weights, dlaunch, metrics, only_run_dir
 
 pytestmark = pytest.mark.integration
 
@@ -79,13 +78,6 @@ def agent_of(run_dir: Path, rank: int) -> int:
     agent = int(stat.rsplit(")", 1)[1].split()[1])  # after the command name: state, ppid
     assert b"torch.distributed.run" in Path(f"/proc/{agent}/cmdline").read_bytes()
     return agent
-
-
-def assert_same_weights(run_dir: Path, straight_dir: Path) -> None:
-    expected, actual = torch.load(straight_dir / "model.pt"), torch.load(run_dir / "model.pt")
-    assert expected.keys() == actual.keys()
-    for name in expected:
-        assert torch.equal(expected[name], actual[name]), f"{name} differs after the node loss"
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,9 @@ import socket
 from pathlib import Path
 
 import pytest
-import torch
 
 from launcher.faults import spec
-from tests.conftest import dlaunch, kill_after, metrics, only_run_dir
+from tests.conftest import assert_same_weights, dlaunch, kill_after, metrics, only_run_dir
 
 pytestmark = pytest.mark.integration
 
@@ -52,13 +51,6 @@ def straight(tmp_path_factory) -> Path:
     result, run_dir = train(tmp_path_factory.mktemp("straight"), restarts=0)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
-
-
-def assert_same_weights(run_dir: Path, straight_dir: Path) -> None:
-    expected, actual = torch.load(straight_dir / "model.pt"), torch.load(run_dir / "model.pt")
-    assert expected.keys() == actual.keys()
-    for name in expected:
-        assert torch.equal(expected[name], actual[name]), f"{name} differs after the restart"
 
 
 # Seeds whose draws kill each rank, before the first checkpoint (a restart from the
