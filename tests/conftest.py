@@ -104,7 +104,9 @@ def metrics(run_dir: Path, kind: str | None = None) -> list[dict]:
 
 def kill_after(step: int, rank: int = 0) -> dict[str, str]:
     """The environment that has ``rank`` SIGKILLed after step ``step`` (launcher/faults.py)."""
-    return {"DLAUNCH_FAULTS": json.dumps([{"kind": "kill", "rank": rank, "step": step}])}
+    from launcher.faults import spec
+
+    return spec({"kind": "kill", "rank": rank, "step": step})
 
 
 def resume_to_identical_weights(run_dir: Path, straight_dir: Path,
