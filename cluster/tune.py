@@ -34,6 +34,7 @@ from cluster.ray import RayBackend, connected, node_bundles, ray_address
 from cluster.tune_space import param_space, search_algorithm, trial_scheduler
 from launcher.monitor import read_records
 from launcher.plan import LaunchPlan
+from launcher.manifest import verify
 from launcher.rundir import CHECKPOINTS, PLAN, RECIPE, write_atomic
 from launcher.sweep import SweepSpec, overrides_for
 from launcher.yamlio import dump_yaml
@@ -45,6 +46,8 @@ TRIAL_RECORD = "trial.json"
 TABLE = "trials.json"
 BEST = "best.yaml"
 PLOT = "metric.png"
+REPORTING = ".tune-checkpoint"
+"""A trial's hard-linked copy of the checkpoint it is handing to Tune, while Tune copies it."""
 
 
 # -- a trial: runs inside a Tune trainable on the cluster -------------------------------
@@ -98,12 +101,28 @@ class _NewEvals:
 
 def _report(record: dict[str, Any], run_dir: Path, with_checkpoint: bool) -> None:
     metrics = {key: record[key] for key in ("val_loss", "val_acc")} | {"step": record["step"]}
-    checkpoint = None
-    if with_checkpoint:  # PBT copies a better trial's checkpoint into a worse one
-        step_dir = run_dir / CHECKPOINTS / f"step-{record['step']:08d}"
-        if step_dir.is_dir():
-            checkpoint = tune.Checkpoint.from_directory(str(step_dir))
-    tune.report(metrics, checkpoint=checkpoint)
+    if not with_checkpoint:
+        tune.report(metrics)
+        return
+    # PBT copies a better trial's checkpoint into a worse one. The job trains on while
+    # Tune copies, and may prune this checkpoint (train.keep_last) under it: Tune gets a
+    # hard-linked copy that nothing else deletes, or none.
+    frozen = _frozen_copy(run_dir / CHECKPOINTS / f"step-{record['step']:08d}", run_dir / REPORTING)
+    try:
+        tune.report(metrics, checkpoint=None if frozen is None else tune.Checkpoint.from_directory(str(frozen)))
+    finally:
+        shutil.rmtree(run_dir / REPORTING, ignore_errors=True)
+
+
+def _frozen_copy(checkpoint: Path, into: Path) -> Path | None:
+    """``checkpoint`` hard-linked into ``into`` (same files, no bytes copied), if it is
+    there and whole: none of its files deleted before they were linked; else None."""
+    shutil.rmtree(into, ignore_errors=True)
+    try:
+        shutil.copytree(checkpoint, into, copy_function=os.link)
+    except (FileNotFoundError, shutil.Error):  # pruned, wholly or in part, as it was linked
+        return None
+    return into if not verify(into, hashes=False) else None
 
 
 def _adopt(checkpoint: tune.Checkpoint, run_dir: Path) -> int:

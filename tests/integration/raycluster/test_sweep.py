@@ -209,4 +209,4 @@ def test_pbt_copies_a_better_trials_checkpoint_into_a_worse_one(tmp_path, ray_cl
                 checked += 1
     assert checked
     rows = json.loads((sweep / "trials.json").read_text())
-    assert all(row["end"] == "finished" for row in rows), rows
+    assert [row for row in rows if row["end"] != "finished"] == []
