@@ -19,7 +19,6 @@ framework's own footprint (CUDA context, kernels). Pure: no torch.
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -92,9 +91,10 @@ def model_states(*, params: int, trainable: int, world_size: int,
     def share(state: State, place: Place, per_param: int, count: int, sharded: bool) -> StateMemory:
         shards = world_size if sharded else 1
         return StateMemory(state=state, place=place, bytes_per_param=per_param, params=count, shards=shards,
-                           bytes=math.ceil(per_param * count / shards))
+                           bytes=-(-per_param * count // shards))
 
-    states = [share("parameters", "host" if offload_params else "device", weight_bytes, params, zero_stage >= 3)]
+    weights_at: Place = "host" if offload_params else "device"
+    states = [share("parameters", weights_at, weight_bytes, params, zero_stage >= 3)]
     if offload_optimizer:
         # ZeRO-Offload: the CPU optimizer steps on an fp32 copy of the rank's gradient
         # partition in host memory; below stage 2 the device still accumulates them whole.
@@ -104,11 +104,13 @@ def model_states(*, params: int, trainable: int, world_size: int,
     else:
         states.append(share("gradients", "device", weight_bytes, trainable, zero_stage >= 2))
     if k:
-        states.append(share("optimizer", "host" if offload_optimizer else "device", k, trainable, zero_stage >= 1))
+        optimizer_at: Place = "host" if offload_optimizer else "device"
+        states.append(share("optimizer", optimizer_at, k, trainable, zero_stage >= 1))
     return MemoryEstimate(params=params, trainable=trainable, states=tuple(states))
 
 
-def estimate(recipe: Recipe, *, zero_stage: int, world_size: int, params: int, trainable: int) -> MemoryEstimate:
+def estimate(recipe: Recipe, *, zero_stage: int, world_size: int, params: int,
+             trainable: int) -> MemoryEstimate:
     """``model_states`` for the recipe's engine, precision, optimizer and offload."""
     engine, optim = recipe.engine, recipe.optim
     return model_states(params=params, trainable=trainable, world_size=world_size, engine=engine.name,
@@ -149,7 +151,8 @@ def _line(estimate: MemoryEstimate, place: Place) -> str:
     parts = ", ".join(f"{s.state} {s.bytes / scale:.1f}" for s in states)
     terms: dict[int, list[str]] = {}  # bytes per parameter over the parameters they count
     for s in states:
-        terms.setdefault(s.params, []).append(f"{s.bytes_per_param}" + (f"/{s.shards}" if s.shards > 1 else ""))
+        split = f"/{s.shards}" if s.shards > 1 else ""
+        terms.setdefault(s.params, []).append(f"{s.bytes_per_param}{split}")
     formula = " + ".join(
         (f"({' + '.join(ts)})" if len(ts) > 1 else ts[0])
         + f" bytes x {'Ψ' if n == estimate.params else f'{_count(n)} trainable'}" for n, ts in terms.items())
@@ -163,5 +166,6 @@ def format_memory(estimate: MemoryEstimate, *, device: str, sharding: str) -> li
     lines = [f"model states ≈ {_amount(on_device)} per rank on {device}: {held} "
              f"(Ψ = {_count(estimate.params)} parameters, {sharding})"]
     if offloaded := estimate.bytes_on("host"):
-        lines.append(f"+ {_amount(offloaded)} per rank in host memory (CPU offload): {_line(estimate, 'host')}")
+        lines.append(f"+ {_amount(offloaded)} per rank in host memory (CPU offload): "
+                     f"{_line(estimate, 'host')}")
     return lines

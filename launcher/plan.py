@@ -363,7 +363,8 @@ def _memory(recipe: Recipe, data: DataFacts, topo: Topology, engine: EnginePlan,
     frozen = 0
     if model is not None and model.params is not None:
         params = model.params
-        frozen = (model.frozen or 0) - (model.unfrozen_later or 0)  # those unfrozen later train from the start
+        # Those unfrozen later train from the start, as far as the engine knows.
+        frozen = (model.frozen or 0) - (model.unfrozen_later or 0)
     elif recipe.model.target is not None:
         params = target_params
     else:

@@ -52,8 +52,8 @@ def test_a_target_model_is_counted_on_the_meta_device(tmp_path, write_recipe):
     (tmp_path / "big_models.py").write_text(
         "import torch\n"
         "def make(width):\n"
-        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, width), torch.nn.Linear(width, 10))\n")
-    width = 50_000_000  # 13 GB of fp32 weights, were it built for real
+        "    return torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.Linear(width, 10))\n")
+    width = 50_000_000  # 15 GB of fp32 weights, were it built for real
     recipe = write_recipe(RECIPE.replace("{name: mlp, kwargs: {hidden: [64]}}",
                                          f"{{target: 'big_models:make', kwargs: {{width: {width}}}}}"))
     result = dlaunch("plan", str(recipe), "--set", "engine.zero_stage=3", "--nodes", "1", "--procs-per-node", "2",
@@ -62,7 +62,8 @@ def test_a_target_model_is_counted_on_the_meta_device(tmp_path, write_recipe):
     psi = 64 * width + width + width * 10 + 10
     [line] = memory_lines(result.stdout)
     assert line.startswith(f"model states ≈ {16 * psi / 2 / 2**30:.1f} GiB per rank on cpu: ")
-    assert line.endswith(f"(2/2 + 2/2 + 12/2) bytes x Ψ (Ψ = {psi / 1e9:.3g}B parameters, ZeRO-3 over 2 ranks)")
+    assert line.endswith(f"(2/2 + 2/2 + 12/2) bytes x Ψ (Ψ = {psi / 1e9:.3g}B parameters, "
+                         "ZeRO-3 over 2 ranks)")
 
 
 def test_a_target_model_that_cannot_be_built_on_meta_is_left_unestimated(tmp_path, write_recipe):
@@ -72,9 +73,10 @@ def test_a_target_model_that_cannot_be_built_on_meta_is_left_unestimated(tmp_pat
         "    model = torch.nn.Linear(64, 10)\n"
         "    model.weight.data.numpy()  # needs real storage\n"
         "    return model\n")
-    recipe = write_recipe(RECIPE.replace("{name: mlp, kwargs: {hidden: [64]}}", "{target: 'picky_models:make'}"))
+    recipe = write_recipe(RECIPE.replace("{name: mlp, kwargs: {hidden: [64]}}",
+                                         "{target: 'picky_models:make'}"))
     result = dlaunch("plan", str(recipe), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert memory_lines(result.stdout) == ["not estimated: the model's parameters could not be counted"]
-    assert result.stderr.startswith("dlaunch: no memory estimate: picky_models:make could not be built on the "
-                                    "meta device to count its parameters (")
+    assert result.stderr.startswith("dlaunch: no memory estimate: picky_models:make could not be built "
+                                    "on the meta device to count its parameters (")

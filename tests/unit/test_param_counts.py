@@ -62,7 +62,8 @@ def test_gpt(n_head, head_dim, n_layer, block, vocab, defaults):
 
 
 def test_the_defaults_of_each_builtin():
-    for name, data in (("mlp", facts((1, 8, 8), 10)), ("cnn", facts((1, 8, 8), 10)), ("gpt", facts((64,), 256))):
+    digits = facts((1, 8, 8), 10)
+    for name, data in (("mlp", digits), ("cnn", digits), ("gpt", facts((64,), 256))):
         assert_counts(name, {}, data)
 
 
