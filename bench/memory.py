@@ -168,12 +168,12 @@ def worker(args: argparse.Namespace) -> None:
 COLUMNS = {"states": "states", "built": "built", "in_backward": "in bwd", "bucket": "of it bkt",
            "backward": "bwd end", "step": "step", "peak_sampled": "peak smp", "maxrss_growth": "maxrss +"}
 NOTE = """\
-formula   launcher/memory.py, what `dlaunch plan` prints: (2 + 2 + 12) bytes x Ψ, partitioned by the stage
+formula   launcher/memory.py, what `dlaunch plan` prints: the ZeRO paper's (2 + 2 + K) x Ψ split by the stage
 DS est.   DeepSpeed's estimate_zero2/zero3_model_states_mem_needs, no offload (it has none for stages 0-1)
 states    measured model states: "bwd end" less the gradient buckets held then
 built     live tensors once the engine is built, before any step
 in bwd    the largest sample as gradients arrive during the last backward pass
-of it bkt of that, DeepSpeed's gradient buckets (reduce_bucket_size elements, default 5e8, in bf16)
+of it bkt DeepSpeed's gradient buckets at their largest (reduce_bucket_size elements, default 5e8)
 bwd end   at the end of a backward pass once the optimizer states exist: weights, gradients, optimizer
 step      after the last optimizer step
 peak smp  the largest of all samples (after each forward pass too: activations included)
