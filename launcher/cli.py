@@ -8,6 +8,7 @@ Exit codes follow torchrun and sbatch: 0 success, 1 the job failed, 2 bad input,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 from launcher import __version__
-from launcher.errors import EXIT_USAGE, UsageError
+from launcher.errors import EXIT_USAGE, UsageError, printable
 
 
 def _add_recipe_args(parser: argparse.ArgumentParser, *, optional: bool = False) -> None:
@@ -212,13 +213,15 @@ def _make_plan(args: argparse.Namespace, script_args: list[str], stamp: str, fol
     recipe, source = load_recipe(args.recipe, overrides)
     script = getattr(args, "script", None)
     try:
-        data = model = None
+        data = model = target_params = uncounted = None
         if script is None:
             data = describe(recipe.data)
             if recipe.model.target is not None:
                 check_target_importable(recipe.model.target)
             check_installed(recipe.logging)
             model = model_facts(recipe, data)
+            if recipe.model.target is not None:
+                target_params, uncounted = _count_target(recipe, data)
         elif not Path(script).is_file():
             raise UsageError(f"script {script!r} does not exist", key="--script")
         root = run_root(recipe, args.cluster or recipe.cluster.backend)
@@ -227,10 +230,28 @@ def _make_plan(args: argparse.Namespace, script_args: list[str], stamp: str, fol
         plan = build_plan(recipe, host=detect_host(), data=data, run_dir=str(run_dir),
                           backend=args.cluster, nodes=args.nodes, procs_per_node=args.procs_per_node,
                           script=str(Path(script).resolve()) if script else None,
-                          script_args=script_args, model=model)
+                          script_args=script_args, model=model, target_params=target_params)
+        if uncounted:  # said once the plan stands: bad input stays one line
+            print(uncounted, file=sys.stderr)
         return plan, source
     except UsageError as err:
         raise locate(err, source) from None
+
+
+def _count_target(recipe, data) -> tuple[int | None, str | None]:
+    """A ``model.target`` model's parameters, for the plan's memory estimate: built on the
+    meta device, the one time planning runs the user's code. When it cannot be built there,
+    no count but a line that says why; the workers build it for real and report any error,
+    as before."""
+    from launcher.models.counts import count_on_meta
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # whatever it prints, not into `plan --json`
+            return count_on_meta(recipe.model, data), None
+    except Exception as exc:  # the user's code: anything
+        reason = exc.message if isinstance(exc, UsageError) else f"{type(exc).__name__}: {exc}"
+        return None, printable(f"dlaunch: no memory estimate: {recipe.model.target} could not be built on "
+                               f"the meta device to count its parameters ({reason[:300]})")
 
 
 def _cmd_validate(args: argparse.Namespace, _: list[str]) -> int:

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict
 from launcher.data.facts import DataFacts
 from launcher.engine_config import accelerate_kwargs, deepspeed_config
 from launcher.errors import UsageError
+from launcher.memory import MemoryEstimate, estimate, format_memory
+from launcher.models.counts import builtin_params
 from launcher.models.facts import ModelFacts, uses_transfer
 from launcher.recipe import DataConfig, Recipe
 from launcher.schedules import ScheduleShape, cycle_count, cycle_ends
@@ -88,6 +90,9 @@ class TrainingPlan(_Value):
     engine: EnginePlan
     model: ModelFacts | None = None
     """Initial weights and frozen parameters, for a transfer-learning recipe."""
+    memory: MemoryEstimate | None = None
+    """The model states each rank holds (launcher/memory.py); None when the model's
+    parameters could not be counted."""
 
 
 class ScriptPlan(_Value):
@@ -350,6 +355,26 @@ def _check_unfreeze(recipe: Recipe, steps: StepPlan) -> None:
                              "those parameters would never train", key=f"model.unfreeze.{index}.at_step")
 
 
+def _memory(recipe: Recipe, data: DataFacts, topo: Topology, engine: EnginePlan, model: ModelFacts | None,
+            target_params: int | None) -> MemoryEstimate | None:
+    """The per-rank model states, from the parameters the transfer facts counted, the
+    caller counted (a ``model.target`` model), or the built-in model's formula. A target
+    model's frozen parameters are not known here: all of them count as trainable."""
+    frozen = 0
+    if model is not None and model.params is not None:
+        params = model.params
+        # Those unfrozen later train from the start, as far as the engine knows.
+        frozen = (model.frozen or 0) - (model.unfrozen_later or 0)
+    elif recipe.model.target is not None:
+        params = target_params
+    else:
+        params = builtin_params(recipe.model, data)
+    if params is None:
+        return None
+    return estimate(recipe, zero_stage=engine.zero_stage, world_size=topo.world_size, params=params,
+                    trainable=params - frozen)
+
+
 def _env(recipe: Recipe, topo: Topology, host: HostFacts) -> dict[str, str]:
     env = {"PYTHONUNBUFFERED": "1"}
     if topo.device == "cpu":
@@ -370,9 +395,12 @@ def _env(recipe: Recipe, topo: Topology, host: HostFacts) -> dict[str, str]:
 def build_plan(recipe: Recipe, *, host: HostFacts, data: DataFacts | None, run_dir: str,
                backend: str | None = None, nodes: int | None = None,
                procs_per_node: int | None = None, script: str | None = None,
-               script_args: list[str] = (), model: ModelFacts | None = None) -> LaunchPlan:
+               script_args: list[str] = (), model: ModelFacts | None = None,
+               target_params: int | None = None) -> LaunchPlan:
     """The plan for ``recipe`` on ``host``; ``data`` is None only for ``--script`` jobs,
-    ``model`` None unless the recipe is one of transfer learning."""
+    ``model`` None unless the recipe is one of transfer learning. ``target_params``: a
+    ``model.target`` model's parameters, counted by the caller (the planner imports no
+    torch); without it, such a plan has no memory estimate."""
     topo = _topology(recipe, host, backend, nodes, procs_per_node)
     if topo.backend == "ray" and recipe.train.max_restarts:
         # Not built: a lost Ray node takes actors and a bundle of the placement group with
@@ -391,8 +419,9 @@ def build_plan(recipe: Recipe, *, host: HostFacts, data: DataFacts | None, run_d
         lr = _learning_rate(recipe, batch.global_)
         steps = _steps(recipe, data, batch.global_, topo.world_size)
         _check_unfreeze(recipe, steps)
-        training = TrainingPlan(data=data, batch=batch, lr=lr, steps=steps,
-                                engine=_engine(recipe, topo, batch, lr.scaled), model=model)
+        engine = _engine(recipe, topo, batch, lr.scaled)
+        training = TrainingPlan(data=data, batch=batch, lr=lr, steps=steps, engine=engine, model=model,
+                                memory=_memory(recipe, data, topo, engine, model, target_params))
     return LaunchPlan(
         name=recipe.name, run_dir=run_dir, recipe=recipe, topology=topo,
         env=_env(recipe, topo, host), training=training,
@@ -421,6 +450,21 @@ def _model_rows(plan: LaunchPlan) -> list[tuple[str, str]]:
         rows.append(("initial weights", f"{facts.init.path} ({facts.init.format})" + (
             f", except {', '.join(cfg.init_exclude)}" if cfg.init_exclude else "")))
     return rows
+
+
+def _memory_rows(plan: LaunchPlan) -> list[tuple[str, str]]:
+    train, topo = plan.training, plan.topology
+    if train.memory is None:
+        return [("memory", "not estimated: the model's parameters could not be counted")]
+    e, ranks = train.engine, f"over {topo.world_size} rank{'s' if topo.world_size > 1 else ''}"
+    if e.name == "deepspeed":
+        sharding = f"ZeRO-{e.zero_stage} {ranks}"
+    elif plan.recipe.engine.strategy == "fsdp":
+        sharding = f"FSDP {e.accelerate['fsdp']['sharding_strategy']} {ranks}"
+    else:
+        sharding = f"DDP {ranks}"
+    first, *more = format_memory(train.memory, device=topo.device, sharding=sharding)
+    return [("memory", first), *(("", line) for line in more)]
 
 
 def format_plan(plan: LaunchPlan) -> str:
@@ -455,6 +499,7 @@ def format_plan(plan: LaunchPlan) -> str:
                       f"checkpoint every {s.checkpoint_every}"),
             ("engine", f"{e.name}, ZeRO stage {e.zero_stage}, {e.precision}"
                        + (f", {recipe.engine.strategy}" if e.name == "accelerate" else "")),
+            *_memory_rows(plan),
         ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
