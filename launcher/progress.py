@@ -1,5 +1,5 @@
 """Where each rank of the built-in trainer is: logs/rank-N.progress holds `STEP PHASE`,
-rewritten as the rank moves on, so its mtime says since when.
+rewritten in place as the rank moves on, so its mtime says since when.
 
 STEP is the optimizer step the rank is working on, counted from 1 (the step whose
 checkpoint it writes, in the checkpoint phase). A rank's peers read the file to tell
@@ -32,29 +32,35 @@ class Position(NamedTuple):
         return self.step, PHASES.index(self.phase)
 
 
+LINE_BYTES = 32
+"""Every line is padded to this width, so a rewrite covers the one before it whole."""
+
+
 class RankProgress:
-    """This rank's progress file. A rename, not an fsync: a reader on another node
-    sees the old line or the new (or, for the instant between the unlink and the rename,
-    none), and a lost line after a crash costs nothing."""
+    """This rank's progress file, rewritten in place: one pwrite a mark, a few
+    microseconds, where writing a new file and renaming it over the old one cost about
+    0.7 ms, three times a step (3% of a 65 ms step, measured by bench/trainer_overhead.py).
+    No fsync: a line lost in a crash costs nothing."""
 
     def __init__(self, run_dir: str | Path, rank: int) -> None:
         self.path = rank_progress(run_dir, rank)
-        self.temporary = self.path.with_name(f".{self.path.name}.tmp")
+        self._fd: int | None = None
         self.position: Position | None = None
         """The last line written, kept for this rank's watchdog: it looks without reading."""
 
     def mark(self, step: int, phase: Phase) -> None:
-        self.temporary.write_text(f"{step} {phase}\n")
-        # Not os.replace: renamed over an existing file, ext4 (auto_da_alloc) writes the
-        # new one out before the rename returns, about 1.5 ms a mark, 10 ms a step.
-        self.path.unlink(missing_ok=True)
-        os.rename(self.temporary, self.path)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.pwrite(self._fd, f"{step} {phase}".ljust(LINE_BYTES - 1).encode() + b"\n", 0)
         self.position = Position(step, phase, time.time())
 
     def clear(self) -> None:
         """Remove a previous attempt's line: until this rank marks a phase, its peers see
         it as not started."""
         self.path.unlink(missing_ok=True)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self.position = None
 
 
@@ -63,7 +69,11 @@ def read_position(run_dir: str | Path, rank: int) -> Position | None:
     path = rank_progress(run_dir, rank)
     try:
         since = path.stat().st_mtime
-        step, phase = path.read_text().split()
+        line = path.read_text()
+        # A read that raced a rewrite could mix the two lines' bytes; two equal reads cannot.
+        if line != path.read_text():
+            return read_position(run_dir, rank)
+        step, phase = line.split()
         position = Position(int(step), phase, since)  # type: ignore[arg-type]
     except (FileNotFoundError, ValueError):
         return None
