@@ -110,7 +110,7 @@ class AccelerateEngine:
     def _module_norms(self) -> dict[str, float]:
         """Before clipping, which unscales fp16 gradients (once a step, as GradScaler
         allows): divided by the loss scale here."""
-        norms = module_grad_norms(self.module, lambda p: p.grad,
+        norms = module_grad_norms(self.module, lambda p: p.grad, self.device,
                                   reduce=torch.distributed.all_reduce if self.sharded else None)
         scale = 1.0 if self.accelerator.scaler is None else float(self.accelerator.scaler.get_scale())
         return {name: norm / scale for name, norm in norms.items()}

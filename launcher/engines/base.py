@@ -15,6 +15,7 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 
+from launcher.engines.module_stats import Reduce, sum_of_squares
 from launcher.plan import LaunchPlan, schedule_shape
 from launcher.recipe import TrainConfig
 from launcher.schedules import LRSchedule
@@ -88,15 +89,16 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def module_grad_norms(model: torch.nn.Module, grad_of: Callable[[torch.nn.Parameter], torch.Tensor | None],
-                      reduce: Callable[[torch.Tensor], None] | None = None) -> dict[str, float]:
+                      device: torch.device, reduce: Reduce | None = None) -> dict[str, float]:
     """The gradient norm of each top-level module (``grad_of`` gives a parameter's full
-    gradient, or this rank's shard with ``reduce`` summing the squares over ranks)."""
+    gradient, or this rank's shard with ``reduce`` summing the squares over ranks, on
+    ``device``)."""
     names, squares = [], []
     for name, module in model.named_children():
         grads = [g for g in (grad_of(p) for p in module.parameters()) if g is not None]
         if grads:
             names.append(name)
-            squares.append(sum(g.detach().float().pow(2).sum() for g in grads))
+            squares.append(sum_of_squares(grads, device))
     if not names:
         return {}
     stacked = torch.stack(squares)

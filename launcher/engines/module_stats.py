@@ -21,7 +21,7 @@ ACTIVATION_STATS = ("mean", "std", "zero")
 and the share of its elements that are exactly zero (dead ReLUs)."""
 
 
-def _squares(tensors: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor:
+def sum_of_squares(tensors: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float32, device=device)
     for tensor in tensors:
         # Summed where the tensor lives (a CPU-offloaded shard on the CPU), in float32
@@ -43,8 +43,8 @@ def weight_norms(model: torch.nn.Module, local_weights: Callable[[torch.nn.Param
         params = list(module.parameters())
         if params:
             names.append(name)
-            squares.append(_squares(map(local_weights, params), device))
-    squares.append(_squares(map(local_weights, model.parameters()), device))
+            squares.append(sum_of_squares(map(local_weights, params), device))
+    squares.append(sum_of_squares(map(local_weights, model.parameters()), device))
     stacked = torch.stack(squares)
     if reduce is not None:
         reduce(stacked)
