@@ -95,7 +95,9 @@ def test_a_node_agent_killed_mid_run_restarts_the_job_which_ends_with_the_uninte
         run = subprocess.Popen([sys.executable, "-m", "launcher", "run", *run_args(tmp_path, nodes=4, restarts=1)],
                                cwd=REPO, env={**os.environ, **HOLD_AT_STEP_9}, stdout=out, stderr=err)
     try:
-        wait_until(lambda: (tmp_path / "runs").exists() and any((tmp_path / "runs").iterdir()), "no run dir")
+        # Not a hidden entry: the run directory is made under a dot-name and renamed into place.
+        wait_until(lambda: (tmp_path / "runs").exists()
+                   and any(not p.name.startswith(".") for p in (tmp_path / "runs").iterdir()), "no run dir")
         run_dir = only_run_dir(tmp_path / "runs")
         wait_until(lambda: held_at_step_9(run_dir), "rank 0 never reached step 9")
         agent = agent_of(run_dir, 0)  # node 0's, the one that hosts the rendezvous store
