@@ -66,7 +66,10 @@ class AccelerateEngine:
         self.clip = plan.recipe.train.clip_grad_norm
         optimizer = build_optimizer(plan, groups, plan.topology.device)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.module = self.accelerator.unwrap_model(self.model)
+        # The module prepare() wrapped (DDP and FSDP keep it, and its autocast forward, as
+        # their .module), which is what unwrap_model returns; unwrap_model also imports
+        # DeepSpeed when it is installed, two seconds of every rank's start-up.
+        self.module = model
         # Under FSDP each rank holds a shard of each weight and gradient: norms sum the
         # squares of the shards over ranks.
         self.sharded = self.accelerator.distributed_type.value == "FSDP"
