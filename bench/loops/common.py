@@ -1,0 +1,74 @@
+"""What the hand-written loops share with the `dlaunch run` they are measured against:
+the model (the built-in GPT class, the same nn.Module dlaunch builds), random token data
+of the same shape, and a record of each logged step in the shape of dlaunch's
+metrics.jsonl, so that one reader serves all three.
+
+Nothing else of dlaunch: each loop is what a user would write by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from launcher.models.gpt import GPT
+
+
+def parse_args(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", required=True, help="rank 0's JSONL of logged steps")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--micro-batch", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=64, help="tokens a row; the model sees one fewer")
+    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--embd", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--zero-stage", type=int, default=0)
+    return parser.parse_args()
+
+
+def model_and_batches(args: argparse.Namespace, rank: int) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    """The GPT and 64 micro-batches of rows (inputs are a row's tokens but the last,
+    targets all but the first), different on each rank."""
+    torch.manual_seed(0)
+    model = GPT((args.seq_len - 1,), args.vocab, n_layer=args.layers, n_head=args.heads, n_embd=args.embd)
+    generator = torch.Generator().manual_seed(rank)
+    rows = torch.randint(args.vocab, (64, args.micro_batch, args.seq_len), generator=generator)
+    return model, list(rows)
+
+
+class StepLog:
+    """Rank 0's logged steps: ``{"kind": "train", "step", "time", "loss", "samples_per_s"}``,
+    samples/s over the steps since the last logged one, as dlaunch's trainer counts them."""
+
+    def __init__(self, path: str, global_batch: int, log_every: int, write: bool) -> None:
+        self.file = open(path, "w") if write else None  # noqa: SIM115 (closed by close())
+        self.global_batch, self.log_every = global_batch, log_every
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def step(self, step: int, loss: torch.Tensor) -> None:
+        self.window_steps += 1
+        if step % self.log_every:
+            return
+        value = loss.item()  # the one read-back a step that is logged makes
+        rate = self.window_steps * self.global_batch / (time.perf_counter() - self.window_start)
+        if self.file is not None:
+            record = {"kind": "train", "step": step, "time": time.time(), "loss": value, "samples_per_s": rate}
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]

@@ -1,0 +1,55 @@
+"""A minimal hand-written DeepSpeed loop: the baseline `dlaunch run` is measured against
+in bench/trainer_overhead.py and bench/startup.py. Run under torchrun (or `deepspeed`):
+
+    torchrun --nproc-per-node 2 bench/loops/deepspeed_loop.py --zero-stage 2 --out steps.jsonl
+
+AdamW built by DeepSpeed (torch's, as dlaunch asks for), bf16, clipping at 1.0, a
+constant learning rate; the model in train mode throughout; no evaluation, no checkpoint;
+the process ends without the interpreter's teardown, as dlaunch's ranks do.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parent)]
+
+import deepspeed  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from common import StepLog, model_and_batches, parse_args  # noqa: E402
+
+
+def main() -> None:
+    args = parse_args(__doc__.split("\n\n")[0])
+    on_cpu = os.environ.get("DS_ACCELERATOR") == "cpu"
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    model, batches = model_and_batches(args, rank)
+    config = {
+        "train_micro_batch_size_per_gpu": args.micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": True},
+        "zero_optimization": {"stage": args.zero_stage},
+        "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "weight_decay": 0.01, "torch_adam": True}},
+        "steps_per_print": 2**31 - 1,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    log = StepLog(args.out, args.micro_batch * world, args.log_every, write=rank == 0)
+    for step in range(1, args.steps + 1):
+        rows = batches[step % len(batches)].to(engine.device)
+        logits = engine(rows[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten())
+        engine.backward(loss)
+        engine.step()
+        log.step(step, loss)
+    log.close()
+    # As dlaunch's ranks end: without the interpreter's teardown, in which ZeRO-3 under
+    # gloo now and then aborts ("terminate called without an active exception").
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
