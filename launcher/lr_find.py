@@ -78,8 +78,10 @@ def one_process_plan(plan: LaunchPlan, source: SourceMap, settings: SweepSetting
                          max_steps=settings.steps)
     data["schedule"].update(name="constant", warmup_steps=0)
     data["optim"].update(lr=settings.min_lr, reference_batch=None)
+    # The same model and data: the transfer-learning facts (frozen parameters) carry over.
     return build_plan(recipe_from_data(data, source), host=host, data=plan.training.data,
-                      run_dir=plan.run_dir, backend="local", nodes=1, procs_per_node=1)
+                      run_dir=plan.run_dir, backend="local", nodes=1, procs_per_node=1,
+                      model=plan.training.model)
 
 
 def run_sweep(plan: LaunchPlan, settings: SweepSettings) -> Curve:

@@ -72,3 +72,14 @@ def test_lr_find_refuses_to_overwrite_the_recipe_it_measures(write_recipe, tmp_p
     assert result.returncode == 2
     assert result.stderr.startswith("error: --apply: ") and len(result.stderr.splitlines()) == 1
     assert recipe.read_text() == before
+
+
+def test_lr_find_runs_on_a_recipe_with_frozen_layers(tmp_path):
+    # The range test re-plans the recipe for one process; the plan of a transfer-learning
+    # recipe needs the model's facts (frozen parameters), which it once lost on the way.
+    result = dlaunch("lr-find", "recipes/quickstart.yaml", *quiet(tmp_path / "runs"), "--steps", "60",
+                     "--set", "model.freeze=[stem.*]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    [run_dir] = list((tmp_path / "runs").iterdir())
+    curve = json.loads((run_dir / "lr_find.json").read_text())
+    assert len(curve["lrs"]) == 60
