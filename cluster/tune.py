@@ -32,9 +32,9 @@ from ray.util import get_current_placement_group
 
 from cluster.ray import RayBackend, connected, node_bundles, ray_address
 from cluster.tune_space import param_space, search_algorithm, trial_scheduler
+from launcher.manifest import verify
 from launcher.monitor import read_records
 from launcher.plan import LaunchPlan
-from launcher.manifest import verify
 from launcher.rundir import CHECKPOINTS, PLAN, RECIPE, write_atomic
 from launcher.sweep import SweepSpec, overrides_for
 from launcher.yamlio import dump_yaml

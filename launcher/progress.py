@@ -39,8 +39,8 @@ LINE_BYTES = 32
 class RankProgress:
     """This rank's progress file, rewritten in place: one pwrite a mark, a few
     microseconds, where writing a new file and renaming it over the old one cost about
-    0.7 ms, three times a step (3% of a 65 ms step, measured by bench/trainer_overhead.py).
-    No fsync: a line lost in a crash costs nothing."""
+    0.7 ms, three times a step: 3% of the 65 ms steps of bench/trainer_overhead.py's job
+    (an A/B run with the marks off). No fsync: a line lost in a crash costs nothing."""
 
     def __init__(self, run_dir: str | Path, rank: int) -> None:
         self.path = rank_progress(run_dir, rank)
