@@ -1,8 +1,8 @@
-"""The three ways bench/trainer_overhead.py and bench/startup.py start the same training
-job: `dlaunch run` on a recipe, the hand-written DeepSpeed loop under torchrun, and the
-hand-written Accelerate loop under `accelerate launch`. Each returns the command and
-where rank 0's logged steps will be (dlaunch's metrics.jsonl, or the loop's JSONL in the
-same shape), so one reader serves all three.
+"""The three ways the benchmarks (trainer_overhead, startup, scaling, gpu_trainer_overhead)
+start the same training job: `dlaunch run` on a recipe, the hand-written DeepSpeed loop
+under torchrun, and the hand-written Accelerate loop under `accelerate launch`. Each
+returns the command and where rank 0's logged steps will be (dlaunch's metrics.jsonl, or
+the loop's JSONL in the same shape), so one reader serves all three.
 """
 
 from __future__ import annotations
