@@ -59,8 +59,8 @@ class TorchBatches:
 class TensorBatches:
     """The sampler's micro-batches of an in-memory TensorDataset, each taken by indexing
     its tensors once: the rows, in the order, that a DataLoader without workers gives,
-    without its per-row ``__getitem__`` and collate (about 2% of the 65 ms steps of
-    bench/trainer_overhead.py's job)."""
+    without its per-row ``__getitem__`` and collate (up to 2% of a 65 ms step in one A/B
+    run; within the spread of bench/trainer_overhead.py)."""
 
     def __init__(self, dataset: TensorDataset, sampler: Sampler[list[int]], *, pin_memory: bool) -> None:
         self.tensors = dataset.tensors
