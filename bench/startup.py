@@ -61,13 +61,10 @@ def time_job(launch: launchers.Launch) -> dict[str, float]:
             "exit_s": exited}
 
 
-def time_command(command: list[str], repeats: int) -> list[float]:
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True, cwd=ROOT, env=launchers.env())
-        seconds.append(time.perf_counter() - started)
-    return seconds
+def time_command(command: list[str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, cwd=ROOT, env=launchers.env())
+    return time.perf_counter() - started
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -89,7 +86,7 @@ def main() -> None:
     timings: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(3 * args.repeats):
         for name, command in commands.items():
-            timings[name] += time_command(command, 1)
+            timings[name].append(time_command(command))
     cli = {name: spread(values) for name, values in timings.items()}
 
     runs: dict[str, list[dict[str, float]]] = {}
