@@ -227,6 +227,10 @@ def _steps(recipe: Recipe, data: DataFacts, global_batch: int, world_size: int) 
     if schedule.snapshots and schedule.name != "cosine_restarts":
         raise UsageError(f"snapshots are taken at the ends of warm-restart cycles; {schedule.name} has "
                          "none: set schedule.name: cosine_restarts", key="schedule.snapshots")
+    profile = recipe.logging.profile
+    if profile is not None and profile.start_step + profile.steps - 1 > total:
+        raise UsageError(f"profiling steps {profile.start_step}-{profile.start_step + profile.steps - 1} "
+                         f"run past the last of {total} steps", key="logging.profile.start_step")
     shape = schedule_shape(recipe, total, warmup)
     if schedule.snapshots and (cycles := cycle_count(shape)) > MAX_SNAPSHOTS:
         raise UsageError(f"{cycles} warm-restart cycles would save {cycles} snapshots, each a copy of the "

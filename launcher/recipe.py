@@ -410,6 +410,17 @@ class WandbConfig(Section):
     streamed to W&B as well (after `wandb login`, or with WANDB_API_KEY set)."""
 
 
+class ProfileConfig(Section):
+    """A window of steps under torch.profiler; each rank writes RUN_DIR/profile/rank-N.trace.json
+    (a Chrome trace) and rank-N.txt (the operators that took the most time)."""
+
+    start_step: int = Field(default=10, gt=0)
+    """The first optimizer step profiled; past the first few, which warm up allocators
+    and kernels."""
+    steps: int = Field(default=5, gt=0, le=100)
+    """Steps profiled. A trace grows with every kernel recorded: keep it a few steps."""
+
+
 class LoggingConfig(Section):
     run_root: str = Field(default="runs", pattern=_ONE_LINE)
     """Directory under which run directories `<name>-<stamp>` are created."""
@@ -442,6 +453,8 @@ class LoggingConfig(Section):
     peak_tflops: float | None = Field(default=None, gt=0)
     """Peak dense TFLOP/s of one device in the run's precision, for model FLOPs
     utilisation (MFU); unset, known GPUs' bf16/fp16 peaks are used and CPUs report none."""
+    profile: ProfileConfig | None = None
+    """Profile a few training steps (`profile: {}` for steps 10-14); off when unset."""
 
 
 class ContainerConfig(Section):

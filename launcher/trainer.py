@@ -43,6 +43,7 @@ from launcher.models.build import build_model
 from launcher.models.transfer import Transfer, load_initial_weights
 from launcher.monitor import MetricsLog, Progress
 from launcher.plan import LaunchPlan
+from launcher.profiling import StepProfiler
 from launcher.progress import RankProgress
 from launcher.snapshots import SnapshotWriter
 from launcher.watchdog import Watchdog, process_group_timeout
@@ -194,6 +195,7 @@ class Trainer:
         self.snapshots = SnapshotWriter(self.run_dir, self.steps.snapshots, self.rank)
         self.progress = progress
         self.faults = Faults.from_env(self.rank)
+        self.profiler = StepProfiler(plan.recipe.logging.profile, self.run_dir / "profile", self.rank, self.on_gpu)
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -222,6 +224,7 @@ class Trainer:
             batches = iter(self.batches)
             for _ in range(step_in_epoch, per_epoch):
                 logged = (self.step + 1) % self.steps.log_every == 0 or self.step + 1 == total
+                self.profiler.before_step(self.step + 1)
                 self.progress.mark(self.step + 1, "data")
                 self.faults.hang(self.step + 1, "data")
                 micro_batches = [mix_micro_batch(next(batches), self.plan, rank=self.rank, step=self.step, micro=k)
@@ -264,9 +267,11 @@ class Trainer:
                                                "restart_count": os.environ.get("SLURM_RESTART_COUNT", "0")})
                     raise preemption.Preempted(f"checkpoint step-{self.step:08d}")
                 self.faults.after_step(self.step)
+                self.profiler.after_step(self.step)
                 if self.step == total or self.stopped_early:
                     break
         progress.close()
+        self.profiler.close()  # a run stopped early inside the profiled window
         self.progress.mark(self.step, "finish")
         self._finish(time.perf_counter() - started, self.step - first_step)
 

@@ -233,3 +233,10 @@ def test_the_printed_plan_shows_the_restarts():
 
     assert row(recipe(train={"max_restarts": 2})) == "up to 2 after a failure, each from the latest checkpoint"
     assert row(recipe()) == "none: the first failure ends the run"
+
+
+def test_a_profile_window_past_the_last_step_is_refused():
+    err = refusal(recipe(train={"max_steps": 12}, logging={"profile": {"start_step": 10, "steps": 5}}))
+    assert err.key == "logging.profile.start_step"
+    assert "10-14" in str(err) and "12 steps" in str(err)
+    assert plan(recipe(train={"max_steps": 14}, logging={"profile": {"start_step": 10, "steps": 5}}))
