@@ -51,7 +51,7 @@ data:
   val_fraction: 0.05
 optim: {{lr: 3.0e-4, betas: [0.9, 0.95], weight_decay: 0.1}}
 precision: {{dtype: bf16}}
-engine: {{name: deepspeed, zero_stage: 2}}
+engine: {engine}
 train:
   micro_batch_size: {batch}
   max_steps: {steps}
@@ -63,19 +63,28 @@ logging:
   log_every: {log_every}
   progress: false
   report: false
+  profile: {profile}
 cluster: {{device: cuda, procs_per_node: 1}}
 """
 
 
-def dlaunch_rates(args: argparse.Namespace, root: Path) -> list[dict]:
-    """The train records of a `dlaunch run` past the warm-up steps."""
+def dlaunch_run(args: argparse.Namespace, root: Path, engine: str = "{name: deepspeed, zero_stage: 2}",
+                profile: str = "null") -> Path:
+    """Run the job with `dlaunch run` under ``root``; its run directory. ``engine`` and
+    ``profile`` are the recipe's sections, in YAML."""
     recipe = root / "recipe.yaml"
     samples = int((args.steps * args.batch + args.batch) / 0.95) + 1
     recipe.write_text(RECIPE.format(layers=args.layers, heads=args.heads, embd=args.embd, seq=args.seq,
                                     vocab=VOCAB, batch=args.batch, steps=args.steps, samples=samples,
-                                    root=root / "runs", log_every=args.log_every))
+                                    root=root / "runs", log_every=args.log_every, engine=engine, profile=profile))
     subprocess.run([sys.executable, "-m", "launcher", "run", str(recipe)], check=True, cwd=REPO)
     [run_dir] = (root / "runs").iterdir()
+    return run_dir
+
+
+def dlaunch_rates(args: argparse.Namespace, root: Path, engine: str = "{name: deepspeed, zero_stage: 2}") -> list[dict]:
+    """The train records of a `dlaunch run` past the warm-up steps."""
+    run_dir = dlaunch_run(args, root, engine)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if r["kind"] == "train" and r["step"] > args.warmup]
 

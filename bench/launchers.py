@@ -45,7 +45,7 @@ class Launch:
     run_root: Path | None = None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -74,18 +74,27 @@ def _loop_args(out: Path, steps: int, log_every: int, zero_stage: int = 0,
     return args + [f"--{key.replace('_', '-')}={value}" for key, value in shape.items()]
 
 
+def torchrun() -> list[str]:
+    """The torchrun script beside this interpreter, or the module it runs where torch was
+    installed without its scripts on that path (as on a machine with torch preinstalled)."""
+    script = BIN / "torchrun"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "torch.distributed.run"]
+
+
 def deepspeed_loop(root: Path, name: str, zero_stage: int, steps: int, log_every: int,
-                   shape: dict[str, float] = SHAPE, ranks: int = RANKS, device: str = "cpu") -> Launch:
+                   shape: dict[str, float] = SHAPE, ranks: int = RANKS, device: str = "cpu",
+                   profile: str | None = None) -> Launch:
+    """``profile``: START:STEPS:DIR, steps of the loop to profile (bench/loops/common.py)."""
     out = root / f"{name}.jsonl"
-    command = [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={ranks}",
+    command = [*torchrun(), "--standalone", f"--nproc-per-node={ranks}",
                str(LOOPS / "deepspeed_loop.py"), *_loop_args(out, steps, log_every, zero_stage, shape)]
-    return Launch(command, env(device), out)
+    return Launch(command + ([f"--profile={profile}"] if profile else []), env(device), out)
 
 
 def accelerate_loop(root: Path, name: str, steps: int, log_every: int) -> Launch:
     out = root / f"{name}.jsonl"
     command = [str(BIN / "accelerate"), "launch", "--multi_gpu", f"--num_processes={RANKS}", "--num_machines=1",
-               "--mixed_precision=bf16", "--dynamo_backend=no", f"--main_process_port={_free_port()}",
+               "--mixed_precision=bf16", "--dynamo_backend=no", f"--main_process_port={free_port()}",
                str(LOOPS / "accelerate_loop.py"), *_loop_args(out, steps, log_every)]
     return Launch(command, env(), out)
 

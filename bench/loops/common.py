@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from launcher.models.gpt import GPT
+from launcher.profiling import StepProfiler
+from launcher.recipe import ProfileConfig
 
 
 def parse_args(description: str) -> argparse.Namespace:
@@ -31,7 +33,18 @@ def parse_args(description: str) -> argparse.Namespace:
     parser.add_argument("--embd", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--zero-stage", type=int, default=0)
+    parser.add_argument("--profile", metavar="START:STEPS:DIR", default=None,
+                        help="profile steps START..START+STEPS-1 into DIR, as dlaunch's logging.profile does")
     return parser.parse_args()
+
+
+def step_profiler(spec: str | None, rank: int, on_gpu: bool) -> StepProfiler:
+    """dlaunch's own step profiler, so that the loop's tables read like a run's; it does
+    nothing outside the window, and nothing at all without ``spec``."""
+    if spec is None:
+        return StepProfiler(None, Path("."), rank, on_gpu)
+    start, steps, directory = spec.split(":", 2)
+    return StepProfiler(ProfileConfig(start_step=int(start), steps=int(steps)), Path(directory), rank, on_gpu)
 
 
 def model_and_batches(args: argparse.Namespace, rank: int) -> tuple[torch.nn.Module, list[torch.Tensor]]:

@@ -18,7 +18,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).res
 
 import deepspeed  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import StepLog, model_and_batches, parse_args  # noqa: E402
+from common import StepLog, model_and_batches, parse_args, step_profiler  # noqa: E402
 
 
 def main() -> None:
@@ -38,13 +38,16 @@ def main() -> None:
     }
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     log = StepLog(args.out, args.micro_batch * world, args.log_every, write=rank == 0)
+    profiler = step_profiler(args.profile, rank, on_gpu=not on_cpu)
     for step in range(1, args.steps + 1):
+        profiler.before_step(step)
         rows = batches[step % len(batches)].to(engine.device)
         logits = engine(rows[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten())
         engine.backward(loss)
         engine.step()
         log.step(step, loss)
+        profiler.after_step(step)
     log.close()
     # As dlaunch's ranks end: without the interpreter's teardown, in which ZeRO-3 under
     # gloo now and then aborts ("terminate called without an active exception").
