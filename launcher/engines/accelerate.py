@@ -28,6 +28,7 @@ from launcher.engines.base import (
     loss_fn,
     make_schedule,
     module_grad_norms,
+    to_device,
 )
 from launcher.engines.module_stats import weight_norms
 from launcher.plan import LaunchPlan
@@ -86,7 +87,7 @@ class AccelerateEngine:
         scaler = self.accelerator.scaler  # fp16 only
         for inputs, targets in micro_batches:
             with self.accelerator.accumulate(self.model):
-                loss = loss_fn(self.model(inputs.to(self.device)), targets.to(self.device))
+                loss = loss_fn(self.model(to_device(inputs, self.device)), to_device(targets, self.device))
                 self.accelerator.backward(loss)
                 if self.accelerator.sync_gradients:
                     if module_norms:
@@ -133,7 +134,7 @@ class AccelerateEngine:
     @torch.no_grad()
     def predict(self, inputs: torch.Tensor) -> torch.Tensor:
         self.model.eval()
-        return self.model(inputs.to(self.device))
+        return self.model(to_device(inputs, self.device))
 
     def save(self, directory: Path) -> None:
         self.accelerator.save_state(str(directory))

@@ -23,6 +23,7 @@ from launcher.engines.base import (
     loss_fn,
     make_schedule,
     module_grad_norms,
+    to_device,
 )
 from launcher.engines.module_stats import partition_weights, weight_norms
 from launcher.plan import LaunchPlan
@@ -82,7 +83,7 @@ class DeepSpeedEngine:
                  type(self.engine.optimizer).__name__)
 
     def _to_device(self, inputs: torch.Tensor) -> torch.Tensor:
-        inputs = inputs.to(self.device, non_blocking=True)
+        inputs = to_device(inputs, self.device)
         # DeepSpeed casts the model to bf16/fp16 but not its inputs; token ids stay ints.
         return inputs.to(self.compute_dtype) if inputs.is_floating_point() else inputs
 
@@ -95,7 +96,7 @@ class DeepSpeedEngine:
         total = torch.zeros((), device=self.device)
         modules = None
         for index, (inputs, targets) in enumerate(micro_batches):
-            loss = loss_fn(self.engine(self._to_device(inputs)), targets.to(self.device))
+            loss = loss_fn(self.engine(self._to_device(inputs)), to_device(targets, self.device))
             self.engine.backward(loss)  # scales by 1/accumulation itself
             if module_norms and index == len(micro_batches) - 1:
                 # The gradients exist between the last backward and the step.
