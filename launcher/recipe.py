@@ -412,7 +412,8 @@ class WandbConfig(Section):
 
 class ProfileConfig(Section):
     """A window of steps under torch.profiler; each rank writes RUN_DIR/profile/rank-N.trace.json
-    (a Chrome trace) and rank-N.txt (the operators that took the most time)."""
+    (a Chrome trace) and rank-N.txt (the operators that took the most time). The profiler
+    slows the steps it records: the throughput logged over them counts its cost too."""
 
     start_step: int = Field(default=10, gt=0)
     """The first optimizer step profiled; past the first few, which warm up allocators
