@@ -384,6 +384,13 @@ def _env(recipe: Recipe, topo: Topology, host: HostFacts) -> dict[str, str]:
     if topo.device == "cpu":
         # Tell DeepSpeed rather than let it probe (and warn about) every accelerator.
         env["DS_ACCELERATOR"] = "cpu"
+        # glibc's malloc hands a CPU step's big temporaries (DeepSpeed's 954 MiB gradient
+        # bucket, activations) back to the kernel when they are freed, and faults their
+        # pages in again the next step. These keep them in the heap, as PyTorch's own CPU
+        # launcher (torch.backends.xeon.run_cpu) does with jemalloc: 0.878 -> 0.946 of a
+        # hand-written DeepSpeed loop's samples/s at ZeRO-2 (docs/benchmarks.md). Other
+        # allocators ignore them.
+        env["MALLOC_MMAP_THRESHOLD_"] = env["MALLOC_TRIM_THRESHOLD_"] = str(1 << 30)
         # One intra-op thread pool per worker, sized so the workers of a node share its
         # cores instead of oversubscribing them. A Slurm node's cores are the ones the
         # job asked for, not the login node's.

@@ -240,3 +240,10 @@ def test_a_profile_window_past_the_last_step_is_refused():
     assert err.key == "logging.profile.start_step"
     assert "10-14" in str(err) and "12 steps" in str(err)
     assert plan(recipe(train={"max_steps": 14}, logging={"profile": {"start_step": 10, "steps": 5}}))
+
+
+def test_cpu_ranks_keep_freed_memory_in_the_heap_and_gpu_ranks_are_left_alone():
+    cpu = plan(recipe()).env
+    assert cpu["MALLOC_MMAP_THRESHOLD_"] == cpu["MALLOC_TRIM_THRESHOLD_"] == str(1 << 30)
+    gpu = plan(recipe(cluster={"device": "cuda"}), host=GPU, data=BIG).env
+    assert not any(name.startswith("MALLOC_") for name in gpu)
