@@ -36,6 +36,7 @@ from launcher.models.gpt import GPT
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "gpu_throughput.json"
 VOCAB = 50304  # GPT-2's 50,257 padded to a multiple of 64, as nanoGPT does
+ENGINE = "{name: deepspeed, zero_stage: 2}"  # the quickstart's
 
 RECIPE = """\
 name: gpt-throughput
@@ -68,7 +69,7 @@ cluster: {{device: cuda, procs_per_node: 1}}
 """
 
 
-def dlaunch_run(args: argparse.Namespace, root: Path, engine: str = "{name: deepspeed, zero_stage: 2}",
+def dlaunch_run(args: argparse.Namespace, root: Path, engine: str = ENGINE,
                 profile: str = "null") -> Path:
     """Run the job with `dlaunch run` under ``root``; its run directory. ``engine`` and
     ``profile`` are the recipe's sections, in YAML."""
@@ -82,7 +83,7 @@ def dlaunch_run(args: argparse.Namespace, root: Path, engine: str = "{name: deep
     return run_dir
 
 
-def dlaunch_rates(args: argparse.Namespace, root: Path, engine: str = "{name: deepspeed, zero_stage: 2}") -> list[dict]:
+def dlaunch_rates(args: argparse.Namespace, root: Path, engine: str = ENGINE) -> list[dict]:
     """The train records of a `dlaunch run` past the warm-up steps."""
     run_dir = dlaunch_run(args, root, engine)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
