@@ -162,10 +162,17 @@ def write_durably(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Through a temporary file and a rename: a reader sees the old text or the new."""
+def write_atomic(path: Path, text: str, *, durable: bool = True) -> None:
+    """Through a temporary file and a rename: a reader sees the old text or the new.
+
+    ``durable`` fsyncs the text before the rename, so that it survives a power cut too.
+    A file only read while its machine is up can skip that: an fsync waits for whatever
+    else the disk has queued, seconds on a busy one."""
     temporary = path.with_name(f".{path.name}.tmp")
-    write_durably(temporary, text)
+    if durable:
+        write_durably(temporary, text)
+    else:
+        temporary.write_text(text)
     os.replace(temporary, path)
 
 

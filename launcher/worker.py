@@ -35,7 +35,10 @@ _LAUNCHER_FILES = {__file__, runpy.__file__, "<frozen runpy>"}
 
 
 def write_status(run_dir: Path, rank: int, state: str) -> None:
-    write_atomic(rank_status(run_dir, rank), state + "\n")
+    # Not durable: a launcher reads a status while the machine is up, and the stop
+    # handler writes one within the agent's grace before SIGKILL (cluster/local.py),
+    # which an fsync behind a busy disk (a checkpoint being written) can outlast.
+    write_atomic(rank_status(run_dir, rank), state + "\n", durable=False)
 
 
 def _describe(exc: BaseException) -> str:
@@ -159,7 +162,8 @@ def main(run_dir: Path) -> int:
     _stop_on_signal(run_dir, rank)
     preemption.install()  # after the stop handlers: the preemption signal only asks for a checkpoint
     write_status(run_dir, rank, "running")
-    write_atomic(rank_host(run_dir, rank), os.environ.get("SLURMD_NODENAME", socket.gethostname()) + "\n")
+    write_atomic(rank_host(run_dir, rank), os.environ.get("SLURMD_NODENAME", socket.gethostname()) + "\n",
+                 durable=False)
     log.info("rank %d of %s on node %s, pid %d", rank, os.environ["WORLD_SIZE"],
              os.environ["NODE_RANK"], os.getpid())
     plan = None

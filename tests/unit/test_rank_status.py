@@ -1,0 +1,27 @@
+"""A rank's status file: written whole, and without waiting for the disk.
+
+The stop handler writes `terminated: SIGTERM` inside the agent's grace before SIGKILL;
+an fsync there waits behind whatever else the disk has queued (a checkpoint in another
+job), and a CI run once lost that race and kept `running`."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from launcher.rundir import rank_status
+from launcher.worker import write_status
+
+
+def test_a_status_replaces_the_last_one_whole_and_never_waits_for_an_fsync(tmp_path, monkeypatch):
+    (tmp_path / "logs").mkdir()
+    write_status(tmp_path, 3, "running")
+
+    def fsync(fd: int) -> None:
+        pytest.fail("a status write waited for an fsync")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    write_status(tmp_path, 3, "terminated: SIGTERM")
+    assert rank_status(tmp_path, 3).read_text() == "terminated: SIGTERM\n"
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [rank_status(tmp_path, 3).name]
