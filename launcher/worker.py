@@ -37,7 +37,7 @@ _LAUNCHER_FILES = {__file__, runpy.__file__, "<frozen runpy>"}
 def write_status(run_dir: Path, rank: int, state: str) -> None:
     # Not durable: a launcher reads a status while the machine is up, and the stop
     # handler writes one within the agent's grace before SIGKILL (cluster/local.py),
-    # which an fsync behind a busy disk (a checkpoint being written) can outlast.
+    # which an fsync queued behind a busy disk (a checkpoint being written) could outlast.
     write_atomic(rank_status(run_dir, rank), state + "\n", durable=False)
 
 

@@ -1,8 +1,9 @@
 """A rank's status file: written whole, and without waiting for the disk.
 
-The stop handler writes `terminated: SIGTERM` inside the agent's grace before SIGKILL;
-an fsync there waits behind whatever else the disk has queued (a checkpoint in another
-job), and a CI run once lost that race and kept `running`."""
+The stop handler writes `terminated: SIGTERM` inside the agent's grace before SIGKILL.
+A CI run once saw a rank outlast that grace and keep `running`; the one wait in the
+handler that depends on anything outside the rank is an fsync, which queues behind
+whatever else the disk has to write (another test's checkpoint)."""
 
 from __future__ import annotations
 
