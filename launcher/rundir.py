@@ -136,8 +136,10 @@ def _env_record(plan: LaunchPlan, argv: list[str]) -> dict[str, Any]:
 
 
 # Variables that change how a run behaves. Anything that looks like a credential is left
-# out even if it matches: run directories get shared and uploaded.
-_VAR_PREFIXES = ("CUDA_", "NCCL_", "OMP_", "MKL_", "TORCH_", "PYTORCH_", "SLURM_JOB_", "DLAUNCH_")
+# out even if it matches: run directories get shared and uploaded. The allocator's
+# (glibc's MALLOC_*, a preloaded jemalloc or tcmalloc) change a CPU step's speed by several percent.
+_VAR_PREFIXES = ("CUDA_", "NCCL_", "OMP_", "MKL_", "TORCH_", "PYTORCH_", "SLURM_JOB_", "DLAUNCH_",
+                 "MALLOC_", "LD_PRELOAD")
 
 
 def _is_reproducibility_var(name: str) -> bool:
