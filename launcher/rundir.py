@@ -137,7 +137,8 @@ def _env_record(plan: LaunchPlan, argv: list[str]) -> dict[str, Any]:
 
 # Variables that change how a run behaves. Anything that looks like a credential is left
 # out even if it matches: run directories get shared and uploaded. The allocator's
-# (glibc's MALLOC_*, a preloaded jemalloc or tcmalloc) change a CPU step's speed by several percent.
+# (glibc's MALLOC_*, a preloaded jemalloc or tcmalloc) change a CPU step's speed by
+# several percent.
 _VAR_PREFIXES = ("CUDA_", "NCCL_", "OMP_", "MKL_", "TORCH_", "PYTORCH_", "SLURM_JOB_", "DLAUNCH_",
                  "MALLOC_", "LD_PRELOAD")
 
