@@ -33,7 +33,7 @@ from ray.util import get_current_placement_group
 from cluster.ray import RayBackend, connected, node_bundles, ray_address
 from cluster.tune_space import param_space, search_algorithm, trial_scheduler
 from launcher.manifest import verify
-from launcher.monitor import read_records
+from launcher.monitor import read_records, read_resumed_records
 from launcher.plan import LaunchPlan
 from launcher.rundir import CHECKPOINTS, PLAN, RECIPE, write_atomic
 from launcher.sweep import SweepSpec, overrides_for
@@ -272,7 +272,7 @@ def summarize(sweep_dir: Path, spec: SweepSpec) -> list[dict[str, Any]]:
         record = _read_record(run_dir)
         if record is None:
             continue
-        evals = _evals(run_dir)
+        evals = read_resumed_records(run_dir, "eval")  # once each, however often it resumed
         rows.append({"trial_id": record["trial_id"], "overrides": record["overrides"],
                      "end": record["end"] or "interrupted", "evaluations": len(evals),
                      "last": evals[-1][spec.metric] if evals else None,

@@ -14,14 +14,32 @@ from launcher.rundir import METRICS
 from launcher.sinks import Status, hyperparameters, open_sinks, recipe_text
 
 
-def read_records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
-    """The records of ``kind`` in RUN_DIR/metrics.jsonl, oldest first; a line still being
-    written (no closing brace yet) is left out."""
+def _all_records(run_dir: Path) -> list[dict[str, Any]]:
+    """RUN_DIR/metrics.jsonl's records, oldest first; a line still being written (no
+    closing brace yet) is left out."""
     path = run_dir / METRICS
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
-    return [r for r in records if r["kind"] == kind]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def read_records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    """The records of ``kind`` in RUN_DIR/metrics.jsonl, oldest first, as written."""
+    return [r for r in _all_records(run_dir) if r["kind"] == kind]
+
+
+def read_resumed_records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    """The records of ``kind`` of the run as it stands. A run killed after recording
+    step N's evaluation but before checkpointing step N resumes from an earlier
+    checkpoint and records step N again: a resume from step S drops what was recorded
+    past S before it."""
+    kept: list[dict[str, Any]] = []
+    for record in _all_records(run_dir):
+        if record["kind"] == "resume":
+            kept = [r for r in kept if r.get("step", 0) <= record["step"]]
+        elif record["kind"] == kind:
+            kept.append(record)
+    return kept
 
 
 class MetricsLog:
