@@ -2,9 +2,9 @@
 time goes, on the CPU and, on a GPU, in its kernels.
 
 Each rank writes RUN_DIR/profile/rank-N.trace.json (a Chrome trace: open it in Perfetto
-or chrome://tracing) and rank-N.txt, the
-operators that took the most time over the window (torch's key_averages table). Each
-step of the window is a `ProfilerStep#K` span in the trace, K the optimizer step.
+or chrome://tracing) and rank-N.txt, the operators that took the most time over the
+window (torch's key_averages table). Each step of the window is a `ProfilerStep#K` span
+in the trace, K the optimizer step.
 """
 
 from __future__ import annotations
