@@ -75,6 +75,10 @@ def param_groups(model: nn.Module, weight_decay: float, lr_multipliers: Mapping[
     (>= 2-D), which it regularises; none on biases and normalisation gains (1-D), which
     set offsets and scales rather than model capacity.
 
+    Without weight decay the two are one group: DeepSpeed's ZeRO 1-2 step waits on the
+    host for each group's gradient check in turn, a few milliseconds a group a step on a
+    GPU (docs/benchmarks.md).
+
     Transfer learning splits them further, by each parameter's LR multiplier and the step
     it starts training at (by name; absent: 1 and 0): a group other than the base one
     carries its `lr_multiplier` and `start_step`, which LRSchedule applies."""
@@ -83,7 +87,7 @@ def param_groups(model: nn.Module, weight_decay: float, lr_multipliers: Mapping[
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     for decays in (True, False):
         for name, p in named:
-            if (p.dim() >= 2) != decays:
+            if (p.dim() >= 2 and weight_decay > 0) != decays:
                 continue
             multiplier, start = multipliers.get(name, 1.0), starts.get(name, 0)
             group = groups.get((multiplier, start, decays))

@@ -238,6 +238,12 @@ def test_param_groups_decay_weights_but_not_biases_or_norms():
                                              model[2].bias])
 
 
+def test_param_groups_are_one_group_without_weight_decay():
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    [group] = param_groups(model, weight_decay=0.0)
+    assert group["weight_decay"] == 0.0 and _ids(group["params"]) == _ids(model.parameters())
+
+
 def test_param_groups_hold_every_trainable_parameter_once():
     gpt = build_model(ModelConfig(name="gpt"), TOKENS)  # lm_head shares wte's weight
     gpt.wpe.weight.requires_grad_(False)
