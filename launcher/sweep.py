@@ -96,6 +96,7 @@ def parse_sweep(recipe: Recipe, source: SourceMap, base_data: dict[str, Any]) ->
                        for key, dist in sweep.space.items())
     _check_search(sweep.search, sweep.scheduler.name, dimensions, source)
     _check_population(sweep, source)
+    _check_copied_optimizers(sweep.scheduler.name, dimensions, source)
     mode = sweep.mode
     if mode == "auto":
         mode = "max" if "acc" in sweep.metric else "min"
@@ -273,6 +274,18 @@ def _check_population(sweep: SweepConfig, source: SourceMap) -> None:
         raise _error(source, ("sweep", "max_concurrent"), f"scheduler pbt trains its population of "
                      f"{sweep.num_samples} side by side; set max_concurrent to {sweep.num_samples} "
                      "or leave it unset")
+
+
+def _check_copied_optimizers(scheduler: str, dimensions: tuple[Dimension, ...], source: SourceMap) -> None:
+    """PBT loads one trial's checkpoint, optimizer state included, into another trial. A
+    trial without weight decay has one parameter group where one with it has two
+    (launcher/models/build.py), and the state of one does not load into the other."""
+    for dim in dimensions:
+        if scheduler == "pbt" and dim.key == "optim.weight_decay" and dim.values is not None \
+                and 0 in dim.values and any(value != 0 for value in dim.values):
+            raise _error(source, ("sweep", "space", dim.key), "scheduler pbt copies checkpoints between "
+                         "trials, and the optimizer of a trial without weight decay has one parameter group "
+                         "where the others have two; list values above 0 only (e.g. 1.0e-6 for hardly any)")
 
 
 def _check_search(search: str, scheduler: str, dimensions: tuple[Dimension, ...],

@@ -256,6 +256,16 @@ def test_pbt_refuses_a_population_run_a_few_at_a_time(tmp_path):
                                         "max_concurrent to 4 or leave it unset")
 
 
+def test_pbt_refuses_weight_decay_values_both_zero_and_not(tmp_path):
+    text = sweep("optim.weight_decay: {choice: [0.0, 0.1]}", "scheduler: {name: pbt}")
+    assert error_of(tmp_path, text) == (
+        f"error: sweep.space.optim.weight_decay (line {line_of(text, 'optim.weight_decay')}): scheduler pbt "
+        "copies checkpoints between trials, and the optimizer of a trial without weight decay has one "
+        "parameter group where the others have two; list values above 0 only (e.g. 1.0e-6 for hardly any)")
+    assert spec_of(tmp_path, sweep("optim.weight_decay: {choice: [0.01, 0.1]}", "scheduler: {name: pbt}"))
+    assert spec_of(tmp_path, sweep("optim.weight_decay: {choice: [0.0, 0.1]}", "scheduler: {name: asha}"))
+
+
 def test_pbt_mutates_every_kind_of_dimension(tmp_path):
     text = sweep("optim.lr: {loguniform: [0.001, 0.1]}\ntrain.micro_batch_size: {grid: [16, 32]}",
                  "scheduler: {name: pbt}")
