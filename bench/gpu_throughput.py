@@ -69,15 +69,21 @@ cluster: {{device: cuda, procs_per_node: 1}}
 """
 
 
-def dlaunch_run(args: argparse.Namespace, root: Path, engine: str = ENGINE,
-                profile: str = "null") -> Path:
-    """Run the job with `dlaunch run` under ``root``; its run directory. ``engine`` and
+def write_recipe(args: argparse.Namespace, root: Path, engine: str = ENGINE, profile: str = "null") -> Path:
+    """The job's recipe in ``root``, its runs under ``root``/runs. ``engine`` and
     ``profile`` are the recipe's sections, in YAML."""
     recipe = root / "recipe.yaml"
     samples = int((args.steps * args.batch + args.batch) / 0.95) + 1
     recipe.write_text(RECIPE.format(layers=args.layers, heads=args.heads, embd=args.embd, seq=args.seq,
                                     vocab=VOCAB, batch=args.batch, steps=args.steps, samples=samples,
                                     root=root / "runs", log_every=args.log_every, engine=engine, profile=profile))
+    return recipe
+
+
+def dlaunch_run(args: argparse.Namespace, root: Path, engine: str = ENGINE,
+                profile: str = "null") -> Path:
+    """Run the job with `dlaunch run` under ``root``; its run directory."""
+    recipe = write_recipe(args, root, engine, profile)
     subprocess.run([sys.executable, "-m", "launcher", "run", str(recipe)], check=True, cwd=REPO)
     [run_dir] = (root / "runs").iterdir()
     return run_dir

@@ -33,6 +33,9 @@ def parse_args(description: str) -> argparse.Namespace:
     parser.add_argument("--embd", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--zero-stage", type=int, default=0)
+    parser.add_argument("--decay-groups", action="store_true",
+                        help="two AdamW groups, as nanoGPT and dlaunch: weight decay on matrices and "
+                             "embeddings, none on biases and norm gains (default: one group, all decayed)")
     parser.add_argument("--profile", metavar="START:STEPS:DIR", default=None,
                         help="profile steps START..START+STEPS-1 into DIR, as dlaunch's logging.profile does")
     return parser.parse_args()
@@ -45,6 +48,16 @@ def step_profiler(spec: str | None, rank: int, on_gpu: bool) -> StepProfiler:
         return StepProfiler(None, Path("."), rank, on_gpu)
     start, steps, directory = spec.split(":", 2)
     return StepProfiler(ProfileConfig(start_step=int(start), steps=int(steps)), Path(directory), rank, on_gpu)
+
+
+def optimizer_groups(model: torch.nn.Module, weight_decay: float, split: bool) -> list[dict]:
+    """One group of every parameter, or (``split``) dlaunch's two: decay on the >= 2-D
+    parameters only (launcher/models/build.py's param_groups)."""
+    params = list(model.parameters())
+    if not split:
+        return [{"params": params, "weight_decay": weight_decay}]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
 def model_and_batches(args: argparse.Namespace, rank: int) -> tuple[torch.nn.Module, list[torch.Tensor]]:

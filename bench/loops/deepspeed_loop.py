@@ -3,9 +3,10 @@ in bench/trainer_overhead.py and bench/startup.py. Run under torchrun (or `deeps
 
     torchrun --nproc-per-node 2 bench/loops/deepspeed_loop.py --zero-stage 2 --out steps.jsonl
 
-AdamW built by DeepSpeed (torch's, as dlaunch asks for), bf16, clipping at 1.0, a
-constant learning rate; the model in train mode throughout; no evaluation, no checkpoint;
-the process ends without the interpreter's teardown, as dlaunch's ranks do.
+AdamW built by DeepSpeed (torch's, as dlaunch asks for) on one parameter group (or
+dlaunch's two, with --decay-groups), bf16, clipping at 1.0, a constant learning rate;
+the model in train mode throughout; no evaluation, no checkpoint; the process ends
+without the interpreter's teardown, as dlaunch's ranks do.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).res
 
 import deepspeed  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import StepLog, model_and_batches, parse_args, step_profiler  # noqa: E402
+from common import StepLog, model_and_batches, optimizer_groups, parse_args, step_profiler  # noqa: E402
+
+WEIGHT_DECAY = 0.01
 
 
 def main() -> None:
@@ -33,10 +36,11 @@ def main() -> None:
         "gradient_clipping": 1.0,
         "bf16": {"enabled": True},
         "zero_optimization": {"stage": args.zero_stage},
-        "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "weight_decay": 0.01, "torch_adam": True}},
+        "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "weight_decay": WEIGHT_DECAY, "torch_adam": True}},
         "steps_per_print": 2**31 - 1,
     }
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    groups = optimizer_groups(model, WEIGHT_DECAY, split=args.decay_groups)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
     log = StepLog(args.out, args.micro_batch * world, args.log_every, write=rank == 0)
     profiler = step_profiler(args.profile, rank, on_gpu=not on_cpu)
     for step in range(1, args.steps + 1):
