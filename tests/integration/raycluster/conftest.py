@@ -18,6 +18,7 @@ Every test here is marked `ray`.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -103,10 +104,13 @@ def loopback() -> Iterator[Loopback]:
 
 @pytest.fixture(scope="session")
 def ray_cluster(loopback: Loopback) -> Iterator[RayCluster]:
-    # Ray 2.60 turns token authentication on for a cluster `ray start` creates, and a
-    # driver given an explicit address must be told to use it, as users do.
+    # Token authentication, as cluster/templates/ray-cluster.sbatch sets it up: the
+    # cluster's own token, which `ray start` then requires (it makes none itself, and
+    # ~/.ray/auth_token exists only after some ray.init() made it: CI's fresh machine
+    # failed here), and which a driver given the address uses, as users' drivers do.
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_AUTH_MODE", "token")
+        patch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
         yield from _two_node_cluster(loopback)
 
 
