@@ -4,6 +4,7 @@ recipe it writes with that LR trains to 95% held-out accuracy."""
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 from PIL import Image
@@ -36,9 +37,12 @@ def test_lr_find_suggests_an_lr_that_trains_the_quickstart_to_95_percent(tmp_pat
     lrs, losses, smoothed = curve["lrs"], curve["losses"], curve["smoothed"]
     assert len(lrs) == len(losses) == len(smoothed) == curve["steps_run"] > 50
     # The model learned during the sweep: the loss of single steps fell far, the smoothed
-    # one (which lags it) clearly.
+    # one (which lags it) clearly below its level over the first quarter of the sweep,
+    # where the LR is too small to learn. (Not below its first value: that is one batch's
+    # loss, and how far under it the curve gets varied with the CPU's float kernels; an
+    # AVX-512 machine gave 0.975 of it.)
     assert min(losses) < 0.85 * losses[0]
-    assert min(smoothed) < 0.97 * smoothed[0]
+    assert min(smoothed) < 0.97 * statistics.median(smoothed[:len(smoothed) // 4])
     suggestion = curve["suggestion"]
     assert curve["min_lr"] < suggestion < curve["max_lr"]
     assert suggestion == pytest.approx(lrs[smoothed.index(min(smoothed))] / 10)
