@@ -280,8 +280,10 @@ def _check_copied_optimizers(scheduler: str, dimensions: tuple[Dimension, ...], 
     """PBT loads one trial's checkpoint, optimizer state included, into another trial. A
     trial without weight decay has one parameter group where one with it has two
     (launcher/models/build.py), and the state of one does not load into the other."""
+    if scheduler != "pbt":
+        return
     for dim in dimensions:
-        if scheduler == "pbt" and dim.key == "optim.weight_decay" and dim.values is not None \
+        if dim.key == "optim.weight_decay" and dim.values is not None \
                 and 0 in dim.values and any(value != 0 for value in dim.values):
             raise _error(source, ("sweep", "space", dim.key), "scheduler pbt copies checkpoints between "
                          "trials, and the optimizer of a trial without weight decay has one parameter group "
