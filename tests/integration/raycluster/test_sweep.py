@@ -107,7 +107,8 @@ def test_a_sweep_killed_midway_resumes_and_runs_each_trial_once(tmp_path, ray_cl
         deadline = time.monotonic() + 600
         while True:
             assert driver.poll() is None and time.monotonic() < deadline, "the sweep ended before the kill"
-            sweep = sweep_dir_under(root) if root.exists() and any(root.iterdir()) else None
+            # The sweep directory appears by a rename of its staging folder; until then, none.
+            sweep = next(root.glob("sweepme-sweep*"), None)
             ends = _ends(sweep) if sweep else {}
             if "finished" in ends.values() and None in ends.values():
                 break
