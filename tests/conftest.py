@@ -136,20 +136,18 @@ CLUSTER_FIXTURES = {"slurm_cluster", "ray_cluster"}
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`-n 3 --dist loadgroup`, the default addopts), the tests that
-    use the dev Slurm cluster run in one worker, and those of the two-node Ray cluster in
-    one worker: each cluster is started once per worker process, and two Slurm clusters
-    on one host would fight over munge, the state directory and their ports. (The two
-    clusters live in network namespaces of their own, so the two groups may run at once.)
+    """Under pytest-xdist (`-n 2 --dist loadgroup`, the default addopts), every test that
+    uses the dev Slurm cluster or the two-node Ray cluster runs in the same worker: each
+    is started once per worker process, and two Slurm clusters on one host would fight
+    over munge, the state directory and their ports.
 
     Likewise the tests of one module that share a module-scoped fixture (a pretraining
     run, an uninterrupted run to compare with) run in one worker: a fixture is made once
     per worker that needs it, and spread over workers they made it up to once each (the
     transfer tests' four fixture runs twice, 110 s, in one CI log)."""
     for item in items:
-        clusters = CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ()))
-        if clusters:
-            item.add_marker(pytest.mark.xdist_group(min(clusters)))
+        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("clusters"))
         elif _uses_module_fixture(item):
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
