@@ -82,7 +82,7 @@ def loopback_namespace() -> Iterator[Loopback]:
 
 
 def dlaunch(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-            timeout: int = 300, netns: Loopback | None = None) -> subprocess.CompletedProcess:
+            timeout: int = 900, netns: Loopback | None = None) -> subprocess.CompletedProcess:
     """`python -m launcher ARGS`: the same entry point as the console script; in the
     namespace ``netns`` when given."""
     command = [sys.executable, "-m", "launcher", *args]
@@ -196,6 +196,11 @@ def processes_holding(root: str) -> list[int]:
 # -- the dev Slurm cluster (slurm/dev-cluster/) -------------------------------------
 
 
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+            "DEADLINE", "PREEMPTED"}
+"""The JobStates of a Slurm job that has ended."""
+
+
 @dataclass(frozen=True)
 class SlurmCluster:
     env: dict[str, str]
@@ -208,7 +213,7 @@ class SlurmCluster:
     def command(self, *argv: str) -> list[str]:
         return self.loopback.command(*argv)
 
-    def dlaunch(self, *args: str, timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    def dlaunch(self, *args: str, timeout: int = 900, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """`dlaunch ARGS` in the cluster's namespace and environment, plus ``env``."""
         return dlaunch(*args, env={**self.env, **(env or {})}, timeout=timeout, netns=self.loopback)
 

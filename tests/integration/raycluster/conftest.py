@@ -52,7 +52,7 @@ class RayCluster:
     nodes: tuple[subprocess.Popen, ...]
     loopback: Loopback
 
-    def dlaunch(self, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    def dlaunch(self, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
         return dlaunch(*args, timeout=timeout, netns=self.loopback)
 
 

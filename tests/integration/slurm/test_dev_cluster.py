@@ -6,8 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-            "DEADLINE", "PREEMPTED"}
+from tests.conftest import TERMINAL
 
 
 def write_script(path: Path, body: str) -> Path:
