@@ -1,8 +1,10 @@
 """The local backend: ``plan.topology.nodes`` torch elastic agents on this host, meeting
 at a c10d rendezvous on 127.0.0.1, each running ``procs_per_node`` workers.
 
-The agents are real ``torchrun`` processes, so a job that works here meets the same
-rendezvous, environment and failure handling on a cluster. Each agent gets a session of
+The agents are torchrun's elastic agent, so a job that works here meets the same
+rendezvous, environment and failure handling on a cluster. For the built-in trainer on
+the CPU they fork their ranks warm (launcher/agent.py); otherwise they are plain
+``torchrun`` processes. Each agent gets a session of
 its own: the terminal's Ctrl-C reaches only the CLI, which then stops the agents the
 one way they are meant to be stopped (SIGTERM, a grace period, SIGKILL).
 
@@ -55,8 +57,7 @@ def _free_port() -> int:
 
 def _agent_command(plan: LaunchPlan, port: int, rdzv_id: str) -> list[str]:
     topo = plan.topology
-    return [
-        sys.executable, "-m", "torch.distributed.run",
+    options = [
         "--nnodes", str(topo.nodes), "--nproc-per-node", str(topo.procs_per_node),
         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
         # join_timeout: the c10d rendezvous ignores a plain `timeout` (and waits 600 s).
@@ -64,8 +65,10 @@ def _agent_command(plan: LaunchPlan, port: int, rdzv_id: str) -> list[str]:
         # MASTER_ADDR would otherwise be this host's FQDN, which need not resolve.
         "--local-addr", "127.0.0.1",
         "--max-restarts", "0",
-        "-m", "launcher.worker", plan.run_dir,
     ]
+    if topo.device == "cpu" and plan.script is None:  # why only these: launcher/agent.py
+        return [sys.executable, "-m", "launcher.agent", *options, plan.run_dir]
+    return [sys.executable, "-m", "torch.distributed.run", *options, "-m", "launcher.worker", plan.run_dir]
 
 
 def _agent_env(plan: LaunchPlan, attempt: int) -> dict[str, str]:

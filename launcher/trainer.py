@@ -56,24 +56,33 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def create_engine(plan: LaunchPlan, model: torch.nn.Module, groups: list[dict]) -> Engine:
-    """Build the engine to train ``groups`` of ``model``'s parameters; this joins the
-    process group."""
+def import_engine(plan: LaunchPlan) -> type[Engine]:
+    """The engine class of ``plan``, with the library it drives imported."""
     if plan.training.engine.name == "deepspeed":
         # DeepSpeed's autotuner imports MLflow when it is installed, for its own logging,
         # which dlaunch does not use: a second of start-up on every rank. MLflow stays
         # importable for the MLflow sink.
         with _hidden_module("mlflow"):
-            import deepspeed
+            import deepspeed  # noqa: F401
 
         from launcher.engines.deepspeed import DeepSpeedEngine
 
-        deepspeed.init_distributed(dist_backend=plan.topology.dist_backend,
-                                   timeout=process_group_timeout(plan))
-        return DeepSpeedEngine(plan, model, groups)
+        return DeepSpeedEngine
     from launcher.engines.accelerate import AccelerateEngine
 
-    return AccelerateEngine(plan, model, groups)
+    return AccelerateEngine
+
+
+def create_engine(plan: LaunchPlan, model: torch.nn.Module, groups: list[dict]) -> Engine:
+    """Build the engine to train ``groups`` of ``model``'s parameters; this joins the
+    process group."""
+    engine = import_engine(plan)
+    if plan.training.engine.name == "deepspeed":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=plan.topology.dist_backend,
+                                   timeout=process_group_timeout(plan))
+    return engine(plan, model, groups)
 
 
 @contextlib.contextmanager

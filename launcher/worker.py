@@ -1,5 +1,5 @@
 """What every rank runs: ``python -m launcher.worker RUN_DIR``, started by a torch elastic
-agent on every backend.
+agent on every backend (or ``main`` itself, in a rank that launcher/agent.py forks).
 
 It gives the rank its log and status files, then runs the user's script exactly as
 torchrun would, or the built-in trainer. The status file is how a launcher learns, after
@@ -151,7 +151,9 @@ def _exit_code(exc: BaseException) -> int:
     return 1
 
 
-def main(run_dir: Path) -> int:
+def main(run_dir: Path, *, forked: bool = False) -> int:
+    """Run this rank; its exit code. ``forked``: the rank is a child forked by
+    launcher/agent.py, which ends it without the interpreter's exit once this returns."""
     # torchrun calls the node GROUP_RANK; its static rendezvous and Slurm also export
     # NODE_RANK, the c10d rendezvous does not. The rendezvous' answer is the one to trust.
     os.environ["NODE_RANK"] = os.environ["GROUP_RANK"]
@@ -183,7 +185,7 @@ def main(run_dir: Path) -> int:
     else:
         write_status(run_dir, rank, "done")
         code = 0
-    if plan is not None and plan.script is None:
+    if plan is not None and plan.script is None and not forked:
         _exit_without_teardown(code)
     return code
 

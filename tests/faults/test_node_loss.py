@@ -71,12 +71,13 @@ def held_at_step_9(run_dir: Path) -> bool:
 
 
 def agent_of(run_dir: Path, rank: int) -> int:
-    """The pid of the torch elastic agent running ``rank``: its worker's parent."""
+    """The pid of the torch elastic agent running ``rank``: its worker's parent (torchrun,
+    or on the local backend's CPU runs launcher/agent.py, which forks its workers)."""
     starts = re.findall(rf"rank {rank} of \d+ on node \d+, pid (\d+)$",
                         (run_dir / "logs" / f"rank-{rank}.log").read_text(), re.MULTILINE)
     stat = Path(f"/proc/{starts[-1]}/stat").read_text()
     agent = int(stat.rsplit(")", 1)[1].split()[1])  # after the command name: state, ppid
-    assert b"torch.distributed.run" in Path(f"/proc/{agent}/cmdline").read_bytes()
+    assert re.search(rb"-m\0(torch\.distributed\.run|launcher\.agent)\0", Path(f"/proc/{agent}/cmdline").read_bytes())
     return agent
 
 

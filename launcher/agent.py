@@ -1,0 +1,69 @@
+"""A node agent whose ranks start warm: ``python -m launcher.agent [torchrun options]
+RUN_DIR``.
+
+It is torchrun's own elastic agent (same options, rendezvous, restarts and shutdown),
+with one difference: the ranks are forked from this process after it has imported what
+every rank of the plan imports, instead of each starting a Python of its own. On a CPU
+host those imports are most of a short run: torch, DeepSpeed or Accelerate, and the
+torch._dynamo and torch._inductor that torch.optim and DeepSpeed's ZeRO pull in on
+first use, 8 to 9 s of CPU a rank on a 2-core machine. Here a node pays them once.
+
+The local backend starts this agent for the built-in trainer on the CPU
+(cluster/local.py). A CUDA plan keeps torchrun, whose ranks exec: a fork carries no
+CUDA driver state a child can use. So does a ``--script`` plan: a forked child ends
+without the interpreter's exit, and a user's script may count on its atexit handlers.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.launcher.api import elastic_launch
+from torch.distributed.run import config_from_args, parse_args
+
+from launcher import worker
+from launcher.plan import LaunchPlan
+from launcher.rundir import PLAN
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def import_what_ranks_import(plan: LaunchPlan) -> None:
+    from launcher.trainer import import_engine
+
+    import_engine(plan)
+    import torch._dynamo  # noqa: F401  (an optimizer's first add_param_group imports it)
+
+    if plan.training.engine.name == "deepspeed":
+        # ZeRO imports DeepSpeed's Muon module, whose @torch.compile decorators import
+        # inductor; compiling a function (which runs nothing) imports the same.
+        torch.compile(_identity)
+    if plan.recipe.data.loader == "dali":
+        import launcher.data.dali_loader  # noqa: F401
+
+
+def run_rank(run_dir: str) -> None:
+    """One forked rank: the worker's main, its exit code raised as SystemExit (the
+    elastic agent reads a forked rank's failure from its exit code)."""
+    code = worker.main(Path(run_dir), forked=True)
+    if code:
+        raise SystemExit(code)
+
+
+@record
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.start_method = "fork"
+    run_dir = args.training_script  # the one positional argument torchrun's parser takes
+    config, _, _ = config_from_args(args)
+    import_what_ranks_import(LaunchPlan.from_json((Path(run_dir) / PLAN).read_text()))
+    elastic_launch(config=config, entrypoint=run_rank)(run_dir)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
