@@ -16,8 +16,11 @@ without the interpreter's exit, and a user's script may count on its atexit hand
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -65,5 +68,18 @@ def main(argv: list[str] | None = None) -> None:
     elastic_launch(config=config, entrypoint=run_rank)(run_dir)
 
 
+def _exit(code: int) -> NoReturn:
+    """End the agent without the interpreter's teardown of all it imported for its ranks
+    (seconds, as launcher/worker.py says of a rank), once its output is flushed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except BaseException:  # a failed rank (ChildFailedError), a stop signal: torchrun prints it and exits 1
+        traceback.print_exc()
+        _exit(1)
+    _exit(0)
