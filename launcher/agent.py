@@ -37,6 +37,7 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 
 def import_what_ranks_import(plan: LaunchPlan) -> None:
+    """Import, before any rank is forked, the modules each rank of ``plan`` would import."""
     from launcher.trainer import import_engine
 
     import_engine(plan)
