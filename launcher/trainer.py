@@ -49,6 +49,9 @@ from launcher.snapshots import SnapshotWriter
 from launcher.watchdog import Watchdog, process_group_timeout
 
 log = logging.getLogger("launcher.trainer")
+SHM_COMM_OP = "deepspeed_shm_comm"
+"""DeepSpeed's CPU shared-memory all-reduce (ShareMemCommBuilder.NAME)."""
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -80,6 +83,12 @@ def create_engine(plan: LaunchPlan, model: torch.nn.Module, groups: list[dict]) 
     if plan.training.engine.name == "deepspeed":
         import deepspeed
 
+        if plan.topology.device == "cpu":
+            # On the CPU, DeepSpeed's comm backend compiles (a JIT build of about 100 s
+            # of CPU on an environment's first run) and starts a shared-memory op that
+            # serves only inference_all_reduce, which ZeRO training never calls: its
+            # collectives are torch.distributed's. Marked incompatible, it is skipped.
+            deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
         deepspeed.init_distributed(dist_backend=plan.topology.dist_backend,
                                    timeout=process_group_timeout(plan))
     return engine(plan, model, groups)

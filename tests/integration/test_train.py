@@ -43,11 +43,12 @@ logging:
 """
 
 
-def train(tmp_path, *, engine="deepspeed", stage=2, dtype="bf16", nodes=1, procs=2, extra=()):
+def train(tmp_path, *, engine="deepspeed", stage=2, dtype="bf16", nodes=1, procs=2, extra=(), env=None):
     root = tmp_path / "runs"
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(SMALL.format(engine=engine, stage=stage, dtype=dtype, root=root))
-    result = dlaunch("run", str(recipe), "--nodes", str(nodes), "--procs-per-node", str(procs), *extra)
+    result = dlaunch("run", str(recipe), "--nodes", str(nodes), "--procs-per-node", str(procs), *extra,
+                     env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     return only_run_dir(root), result
 
@@ -85,6 +86,17 @@ def test_deepspeed_zero_stage_and_precision(tmp_path, stage, dtype):
     # whole, with the model states.
     shards = list((run_dir / "checkpoints").glob("step-*/engine/deepspeed/*optim_states.pt"))
     assert len({p.name for p in shards}) == (2 if stage > 0 else 0)
+
+
+def test_deepspeed_on_the_cpu_compiles_no_op_it_does_not_train_with(tmp_path):
+    # DeepSpeed's CPU comm backend would JIT-build its shared-memory all-reduce (about
+    # 100 s of CPU in a fresh environment) for inference_all_reduce, which ZeRO never calls.
+    extensions = tmp_path / "torch_extensions"
+    run_dir, _ = train(tmp_path, env={"TORCH_EXTENSIONS_DIR": str(extensions)})
+    assert_learned(run_dir)
+    assert not extensions.exists() or not any(extensions.iterdir())
+    for log in (run_dir / "logs").glob("rank-*.log"):
+        assert "shm_comm" not in log.read_text()
 
 
 def test_accelerate_bf16(tmp_path):
