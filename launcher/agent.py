@@ -54,6 +54,11 @@ def import_what_ranks_import(plan: LaunchPlan) -> None:
 def run_rank(run_dir: str) -> None:
     """One forked rank: the worker's main, its exit code raised as SystemExit (the
     elastic agent reads a forked rank's failure from its exit code)."""
+    # OpenMP read OMP_NUM_THREADS when this agent imported torch, before torchrun's
+    # options set it (1 for several ranks a node, unless the environment says) in the
+    # environment each rank gets: a rank that execs reads it at start, a forked one is told.
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     code = worker.main(Path(run_dir), forked=True)
     if code:
         raise SystemExit(code)
