@@ -36,7 +36,7 @@ from cluster.failure import (
     rank_failure_report,
     restart_line,
 )
-from cluster.process import Terminated, worker_pythonpath
+from cluster.process import Terminated, agent_module, worker_pythonpath
 from launcher.faults import ATTEMPT_VAR
 from launcher.plan import LaunchPlan
 from launcher.rundir import rank_log, rank_progress, rank_status
@@ -66,9 +66,8 @@ def _agent_command(plan: LaunchPlan, port: int, rdzv_id: str) -> list[str]:
         "--local-addr", "127.0.0.1",
         "--max-restarts", "0",
     ]
-    if topo.device == "cpu" and plan.script is None:  # why only these: launcher/agent.py
-        return [sys.executable, "-m", "launcher.agent", *options, plan.run_dir]
-    return [sys.executable, "-m", "torch.distributed.run", *options, "-m", "launcher.worker", plan.run_dir]
+    module, worker = agent_module(plan)
+    return [sys.executable, "-m", module, *options, *worker, plan.run_dir]
 
 
 def _agent_env(plan: LaunchPlan, attempt: int) -> dict[str, str]:

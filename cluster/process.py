@@ -1,5 +1,5 @@
-"""What every backend's launching process needs: workers that import this launcher, and
-a SIGTERM that stops a job instead of orphaning it."""
+"""What every backend's launching process needs: the node agent's command, workers that
+import this launcher, and a SIGTERM that stops a job instead of orphaning it."""
 
 from __future__ import annotations
 
@@ -13,6 +13,16 @@ from pathlib import Path
 from types import FrameType
 
 import launcher
+from launcher.plan import LaunchPlan
+
+
+def agent_module(plan: LaunchPlan) -> tuple[str, list[str]]:
+    """(the node agent's module, what follows its options before the run dir). The
+    built-in trainer on the CPU gets launcher.agent, which forks its ranks warm; a CUDA
+    plan or a ``--script`` gets torchrun with exec'd ranks (why: launcher/agent.py)."""
+    if plan.topology.device == "cpu" and plan.script is None:
+        return "launcher.agent", []
+    return "torch.distributed.run", ["-m", "launcher.worker"]
 
 
 def worker_pythonpath() -> str | None:

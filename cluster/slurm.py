@@ -19,6 +19,7 @@ from pathlib import Path
 
 from cluster.base import JobState
 from cluster.failure import LOG_TAIL, first_failure, out_of_restarts_line, rank_failure_report
+from cluster.process import agent_module
 from launcher.errors import UsageError
 from launcher.plan import LaunchPlan
 from launcher.recipe import SlurmConfig
@@ -140,12 +141,15 @@ def render(plan: LaunchPlan, *, python: str | None = None, cwd: str | None = Non
             raise UsageError(f"grid point {index} changes the sbatch script (nodes, GPUs, time, "
                              "env...); an array varies training keys only", key="--array")
     run_dir_export, output = _run_dir_export(plan, list(array))
+    module, worker = agent_module(plan)
     options = _sbatch_options(plan, output) + ([f"--array=0-{len(array) - 1}"] if array else [])
     values = {
         "job_title": (slurm.job_name or plan.name).replace("\n", " "),
         "run_dir_comment": plan.run_dir.replace("\n", " "),
         "sbatch_options": "\n".join(sbatch_line(o) for o in options),
         "procs_per_node": str(topo.procs_per_node),
+        "agent_module": module,
+        "worker": "".join(f"{arg} " for arg in worker),
         "run_dir_export": run_dir_export,
         "python": shlex.quote(python),
         "env_exports": "\n".join(exports),

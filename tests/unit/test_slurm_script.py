@@ -67,6 +67,29 @@ def test_the_rendezvous_port_comes_from_the_job_id_and_differs_between_attempts(
     assert endpoints[1].startswith("node1:") and endpoints[1] != endpoints[0]
 
 
+def agent_line(script: str) -> str:
+    """The command each node's srun task runs, as one line."""
+    return script[script.index("bash -c '"):script.index("|| code=$?")].replace("\\\n", " ")
+
+
+def test_the_trainer_on_cpu_nodes_forks_its_ranks_from_the_warm_agent(tmp_path):
+    recipe = Recipe.model_validate({"data": {"source": "synthetic"}})
+    plan = build_plan(recipe, host=LOGIN_NODE, data=describe(recipe.data), run_dir="/r", backend="slurm")
+    script = render(plan)
+    agent = agent_line(script)
+    assert '"$DLAUNCH_PYTHON" -m launcher.agent ' in agent
+    assert "launcher.worker" not in agent and "torch.distributed.run" not in agent
+    assert agent.split()[-1] == '"$DLAUNCH_RUN_DIR"\''
+    (tmp_path / "cpu.sbatch").write_text(script)
+    assert subprocess.run(["bash", "-n", str(tmp_path / "cpu.sbatch")]).returncode == 0
+
+
+def test_a_gpu_job_runs_torchrun_whose_ranks_exec():
+    agent = agent_line(gpu_job_script())
+    assert '"$DLAUNCH_PYTHON" -m torch.distributed.run ' in agent
+    assert agent.split()[-3:] == ["-m", "launcher.worker", '"$DLAUNCH_RUN_DIR"\'']
+
+
 @pytest.mark.parametrize("restarts", [0, 3])
 def test_the_scripts_restart_limit_is_train_max_restarts(restarts):
     recipe = Recipe.model_validate({"data": {"source": "synthetic"}, "train": {"max_restarts": restarts}})
