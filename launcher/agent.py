@@ -8,8 +8,8 @@ host those imports are most of a short run: torch, DeepSpeed or Accelerate, and 
 torch._dynamo and torch._inductor that torch.optim and DeepSpeed's ZeRO pull in on
 first use, 8 to 9 s of CPU a rank on a 2-core machine. Here a node pays them once.
 
-The local backend starts this agent for the built-in trainer on the CPU
-(cluster/local.py). A CUDA plan keeps torchrun, whose ranks exec: a fork carries no
+The local and Slurm backends start this agent for the built-in trainer on the CPU
+(cluster/process.py). A CUDA plan keeps torchrun, whose ranks exec: a fork carries no
 CUDA driver state a child can use. So does a ``--script`` plan: a forked child ends
 without the interpreter's exit, and a user's script may count on its atexit handlers.
 """
