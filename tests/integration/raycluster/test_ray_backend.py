@@ -87,7 +87,8 @@ def test_status_logs_and_cancel_work_from_another_process(tmp_path, ray_cluster)
         "--nodes", "2"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
-        while not (root.exists() and any(root.iterdir())
+        # Not a hidden entry: the run directory is made under a dot-name and renamed into place.
+        while not (root.exists() and any(not p.name.startswith(".") for p in root.iterdir())
                    and (only_run_dir(root) / "metrics.jsonl").exists()):
             assert driver.poll() is None and time.monotonic() < deadline, driver.stdout.read()
             time.sleep(0.5)
