@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-from launcher import agent as warm_agent
-
 from cluster.local import _agent_command
+from launcher import agent as warm_agent
 from launcher.data.facts import DataFacts
 from launcher.plan import HostFacts, LaunchPlan, build_plan
 from launcher.recipe import Recipe
