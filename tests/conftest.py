@@ -131,23 +131,27 @@ def assert_same_weights(run_dir: Path, straight_dir: Path) -> None:
         assert torch.equal(expected[name], actual[name]), f"{name} differs from the uninterrupted run"
 
 
-CLUSTER_FIXTURES = {"slurm_cluster", "ray_cluster"}
+CLUSTER_FIXTURES = ("slurm_cluster", "ray_cluster")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`-n 2 --dist loadgroup`, the default addopts), every test that
-    uses the dev Slurm cluster or the two-node Ray cluster runs in the same worker: each
-    is started once per worker process, and two Slurm clusters on one host would fight
-    over munge, the state directory and their ports.
+    uses the dev Slurm cluster runs in the same worker, and so does every test that uses
+    the two-node Ray cluster: each cluster is started once per worker process that needs
+    it, and two Slurm clusters on one host would fight over munge, the state directory
+    and their ports. The two clusters live in network namespaces of their own, so their
+    two groups may run at once, in two workers; one group of both was the suite's
+    longest chain (21 min of its 32 in one run).
 
     Likewise the tests of one module that share a module-scoped fixture (a pretraining
     run, an uninterrupted run to compare with) run in one worker: a fixture is made once
     per worker that needs it, and spread over workers they made it up to once each (the
     transfer tests' four fixture runs twice, 110 s, in one CI log)."""
     for item in items:
-        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("clusters"))
+        clusters = [name for name in CLUSTER_FIXTURES if name in getattr(item, "fixturenames", ())]
+        if clusters:
+            item.add_marker(pytest.mark.xdist_group(clusters[0]))
         elif _uses_module_fixture(item):
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
