@@ -3,8 +3,10 @@ at a c10d rendezvous on 127.0.0.1, each running ``procs_per_node`` workers.
 
 The agents are torchrun's elastic agent, so a job that works here meets the same
 rendezvous, environment and failure handling on a cluster. For the built-in trainer on
-the CPU they fork their ranks warm (launcher/agent.py); otherwise they are plain
-``torchrun`` processes. Each agent gets a session of
+the CPU they fork their ranks warm (launcher/agent.py), and the agents of several nodes
+are themselves forked warm from one process that imported what their ranks import, then
+left to this one (a child subreaper) to supervise; otherwise they are plain ``torchrun``
+processes. Each agent gets a session of
 its own: the terminal's Ctrl-C reaches only the CLI, which then stops the agents the
 one way they are meant to be stopped (SIGTERM, a grace period, SIGKILL).
 
@@ -18,6 +20,7 @@ that hosts the rendezvous store, cannot be restarted from the inside.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -80,7 +83,7 @@ def _agent_env(plan: LaunchPlan, attempt: int) -> dict[str, str]:
     return env
 
 
-def _start_agents(plan: LaunchPlan, attempt: int) -> list[subprocess.Popen]:
+def _start_agents(plan: LaunchPlan, attempt: int) -> list[Agent]:
     """The agents of one attempt, at a rendezvous of their own."""
     # A resumed run reuses its run dir, a restart its attempt's: their ranks' statuses
     # and positions are not this attempt's.
@@ -89,7 +92,67 @@ def _start_agents(plan: LaunchPlan, attempt: int) -> list[subprocess.Popen]:
         rank_progress(plan.run_dir, rank).unlink(missing_ok=True)
     command = _agent_command(plan, _free_port(), f"{plan.name}-{uuid.uuid4().hex[:8]}")
     env = _agent_env(plan, attempt)
-    return [subprocess.Popen(command, env=env, start_new_session=True) for _ in range(plan.topology.nodes)]
+    nodes = plan.topology.nodes
+    if nodes > 1 and agent_module(plan)[0] == "launcher.agent" and _become_subreaper():
+        return _forked_agents(command, env, nodes)
+    return [subprocess.Popen(command, env=env, start_new_session=True) for _ in range(nodes)]
+
+
+def _become_subreaper() -> bool:
+    """Make this process the one that orphaned descendants are reparented to (Linux's
+    PR_SET_CHILD_SUBREAPER), so that agents forked by a child become its own; whether it is."""
+    if not sys.platform.startswith("linux"):
+        return False
+    pr_set_child_subreaper = 36
+    return ctypes.CDLL(None, use_errno=True).prctl(pr_set_child_subreaper, 1, 0, 0, 0) == 0
+
+
+def _forked_agents(command: list[str], env: dict[str, str], nodes: int) -> list[Agent]:
+    """The ``nodes`` agents of ``command``, forked warm by one launcher.agent (its
+    --fork-nodes) and left to this process; that one alone when it fails to fork them all,
+    whose exit is then reported as an agent's."""
+    read_end, write_end = os.pipe()
+    python, m, module, *options = command
+    fork_command = [python, m, module, "--fork-nodes", str(nodes), str(write_end), *options]
+    try:
+        host = subprocess.Popen(fork_command, env=env, start_new_session=True, pass_fds=(write_end,))
+    finally:
+        os.close(write_end)
+    with os.fdopen(read_end) as pids:
+        forked = [AdoptedAgent(int(line)) for line in pids]  # until the host and its agents closed it
+    # Once the host has exited, its agents are this process' children.
+    if host.wait() == 0 and len(forked) == nodes:
+        return forked
+    for agent in forked:
+        _signal_group(agent, signal.SIGKILL)
+        agent.wait()
+    return [host]
+
+
+class AdoptedAgent:
+    """An agent this process adopted as a subreaper: Popen's poll, wait, pid and returncode."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._reaping = threading.Lock()  # poll() and wait() come from two threads (cancel)
+
+    def poll(self) -> int | None:
+        return self._reap(os.WNOHANG)
+
+    def wait(self) -> int:
+        return self._reap(0)
+
+    def _reap(self, options: int) -> int | None:
+        with self._reaping:
+            if self.returncode is None:
+                pid, status = os.waitpid(self.pid, options)
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+            return self.returncode
+
+
+Agent = subprocess.Popen | AdoptedAgent
 
 
 class LocalJob:
@@ -239,7 +302,7 @@ class LocalJob:
                     agent.wait()
 
 
-def _signal_group(agent: subprocess.Popen, sig: signal.Signals) -> None:
+def _signal_group(agent: Agent, sig: signal.Signals) -> None:
     try:
         os.killpg(agent.pid, sig)  # the agent leads a group of its own: start_new_session
     except ProcessLookupError:

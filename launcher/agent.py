@@ -65,13 +65,43 @@ def run_rank(run_dir: str) -> None:
 
 
 @record
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str]) -> None:
     args = parse_args(argv)
     args.start_method = "fork"
     run_dir = args.training_script  # the one positional argument torchrun's parser takes
     config, _, _ = config_from_args(args)
-    import_what_ranks_import(LaunchPlan.from_json((Path(run_dir) / PLAN).read_text()))
+    import_what_ranks_import(_plan(run_dir))
     elastic_launch(config=config, entrypoint=run_rank)(run_dir)
+
+
+def _plan(run_dir: str) -> LaunchPlan:
+    return LaunchPlan.from_json((Path(run_dir) / PLAN).read_text())
+
+
+def fork_agents(nodes: int, pids_fd: int, argv: list[str]) -> None:
+    """``python -m launcher.agent --fork-nodes N FD [options] RUN_DIR``: the local
+    backend's N emulated nodes as N agents forked from this process once it has imported
+    what their ranks import, where N agents started apart would each import it all. Each
+    agent leads a session of its own, as the local backend starts them. Their pids go to
+    the pipe FD, one a line, and this process exits, leaving them to its parent (a child
+    subreaper: cluster/local.py), which supervises them as the agents it starts itself."""
+    import_what_ranks_import(_plan(argv[-1]))
+    for _ in range(nodes):
+        pid = os.fork()
+        if pid == 0:
+            os.close(pids_fd)
+            os.setsid()
+            _run_agent(argv)
+        os.write(pids_fd, f"{pid}\n".encode())
+
+
+def _run_agent(argv: list[str]) -> NoReturn:
+    try:
+        main(argv)
+    except BaseException:  # a failed rank (ChildFailedError), a stop signal: torchrun prints it and exits 1
+        traceback.print_exc()
+        _exit(1)
+    _exit(0)
 
 
 def _exit(code: int) -> NoReturn:
@@ -83,9 +113,7 @@ def _exit(code: int) -> NoReturn:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except BaseException:  # a failed rank (ChildFailedError), a stop signal: torchrun prints it and exits 1
-        traceback.print_exc()
-        _exit(1)
-    _exit(0)
+    if sys.argv[1:2] == ["--fork-nodes"]:
+        fork_agents(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
+        _exit(0)
+    _run_agent(sys.argv[1:])

@@ -75,10 +75,14 @@ def agent_of(run_dir: Path, rank: int) -> int:
     or on the local backend's CPU runs launcher/agent.py, which forks its workers)."""
     starts = re.findall(rf"rank {rank} of \d+ on node \d+, pid (\d+)$",
                         (run_dir / "logs" / f"rank-{rank}.log").read_text(), re.MULTILINE)
-    stat = Path(f"/proc/{starts[-1]}/stat").read_text()
-    agent = int(stat.rsplit(")", 1)[1].split()[1])  # after the command name: state, ppid
+    agent = parent_of(int(starts[-1]))
     assert re.search(rb"-m\0(torch\.distributed\.run|launcher\.agent)\0", Path(f"/proc/{agent}/cmdline").read_bytes())
     return agent
+
+
+def parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])  # after the command name: state, ppid
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +106,9 @@ def test_a_node_agent_killed_mid_run_restarts_the_job_which_ends_with_the_uninte
         run_dir = only_run_dir(tmp_path / "runs")
         wait_until(lambda: held_at_step_9(run_dir), "rank 0 never reached step 9")
         agent = agent_of(run_dir, 0)  # node 0's, the one that hosts the rendezvous store
+        # The 4 agents were forked warm from one process and left to the CLI, which supervises them.
+        assert b"--fork-nodes\x004\x00" in Path(f"/proc/{agent}/cmdline").read_bytes()
+        assert parent_of(agent) == run.pid
         os.kill(agent, signal.SIGKILL)
         assert run.wait(HANG_S) == 0, (tmp_path / "err").read_text()[-3000:]
     finally:
