@@ -118,15 +118,27 @@ def _forked_agents(command: list[str], env: dict[str, str], nodes: int) -> list[
         host = subprocess.Popen(fork_command, env=env, start_new_session=True, pass_fds=(write_end,))
     finally:
         os.close(write_end)
-    with os.fdopen(read_end) as pids:
-        forked = [AdoptedAgent(int(line)) for line in pids]  # until the host and its agents closed it
-    # Once the host has exited, its agents are this process' children.
-    if host.wait() == 0 and len(forked) == nodes:
-        return forked
+    forked: list[AdoptedAgent] = []
+    try:
+        with os.fdopen(read_end) as pids:
+            for line in pids:  # until the host and its agents have closed it
+                forked.append(AdoptedAgent(int(line)))
+        # Once the host has exited, its agents are this process' children.
+        if host.wait() == 0 and len(forked) == nodes:
+            return forked
+    except BaseException:  # a Ctrl-C while the host imports: no agent may outlive this process
+        _signal_group(host, signal.SIGKILL)
+        _kill_forked(host, forked)
+        raise
+    _kill_forked(host, forked)
+    return [host]
+
+
+def _kill_forked(host: subprocess.Popen, forked: list[AdoptedAgent]) -> None:
+    host.wait()  # once it has exited, its agents are this process' children
     for agent in forked:
         _signal_group(agent, signal.SIGKILL)
         agent.wait()
-    return [host]
 
 
 class AdoptedAgent:

@@ -237,3 +237,43 @@ def test_a_signal_to_the_launcher_stops_the_job(tmp_path, sig, code):
         launcher.wait(HANG_S)
     for p in pids:
         assert gone(p["worker"]) and gone(p["agent"])
+
+
+def processes_naming(*texts: str) -> list[int]:
+    """The live processes whose command line holds every one of ``texts`` (a zombie's is empty)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and all(t.encode() in (proc / "cmdline").read_bytes() for t in texts):
+                found.append(int(proc.name))
+        except OSError:  # ended meanwhile
+            pass
+    return found
+
+
+def test_ctrl_c_while_the_nodes_agents_are_being_forked_leaves_no_process(tmp_path):
+    """Two CPU nodes: one process imports, then forks both agents (cluster/local.py). A
+    Ctrl-C while it imports stops it, and no agent it may have forked outlives the CLI."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""
+data: {{source: synthetic, samples: 64, num_features: 4, num_classes: 2}}
+model: {{name: mlp, kwargs: {{hidden: [8]}}}}
+train: {{micro_batch_size: 8, max_steps: 1000}}
+logging: {{run_root: {tmp_path / 'runs'}, progress: false, report: false}}
+""")
+    launcher = subprocess.Popen([sys.executable, "-m", "launcher", "run", str(recipe), "--nodes", "2",
+                                 "--procs-per-node", "1"], cwd=REPO)
+    try:
+        deadline = time.monotonic() + HANG_S
+        while not processes_naming("--fork-nodes", str(tmp_path)):
+            assert launcher.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        launcher.send_signal(signal.SIGINT)
+        assert launcher.wait(HANG_S) != 0
+    finally:
+        launcher.kill()  # no-op once it has ended
+        launcher.wait()
+    deadline = time.monotonic() + 30  # SIGKILL is delivered, not waited for
+    while processes_naming(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_naming(str(tmp_path)) == []
