@@ -23,7 +23,7 @@ from cluster.local import LocalBackend, LocalJob
 from launcher.plan import HostFacts, LaunchPlan, build_plan
 from launcher.recipe import Recipe
 from launcher.rundir import LOGS, PLAN, rank_status
-from tests.conftest import gone
+from tests.conftest import gone, processes_holding
 
 HOST = socket.gethostname()
 
@@ -239,16 +239,15 @@ def test_a_signal_to_the_launcher_stops_the_job(tmp_path, sig, code):
         assert gone(p["worker"]) and gone(p["agent"])
 
 
-def processes_naming(*texts: str) -> list[int]:
-    """The live processes whose command line holds every one of ``texts`` (a zombie's is empty)."""
-    found = []
-    for proc in Path("/proc").iterdir():
+def forking_agents(root: str) -> bool:
+    """Whether a launcher.agent --fork-nodes of a run under ``root`` is alive."""
+    for pid in processes_holding(root):
         try:
-            if proc.name.isdigit() and all(t.encode() in (proc / "cmdline").read_bytes() for t in texts):
-                found.append(int(proc.name))
+            if b"--fork-nodes" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return True
         except OSError:  # ended meanwhile
             pass
-    return found
+    return False
 
 
 def test_ctrl_c_while_the_nodes_agents_are_being_forked_leaves_no_process(tmp_path):
@@ -265,7 +264,7 @@ logging: {{run_root: {tmp_path / 'runs'}, progress: false, report: false}}
                                  "--procs-per-node", "1"], cwd=REPO)
     try:
         deadline = time.monotonic() + HANG_S
-        while not processes_naming("--fork-nodes", str(tmp_path)):
+        while not forking_agents(str(tmp_path)):
             assert launcher.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
         launcher.send_signal(signal.SIGINT)
@@ -274,6 +273,6 @@ logging: {{run_root: {tmp_path / 'runs'}, progress: false, report: false}}
         launcher.kill()  # no-op once it has ended
         launcher.wait()
     deadline = time.monotonic() + 30  # SIGKILL is delivered, not waited for
-    while processes_naming(str(tmp_path)) and time.monotonic() < deadline:
+    while processes_holding(str(tmp_path)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert processes_naming(str(tmp_path)) == []
+    assert processes_holding(str(tmp_path)) == []
