@@ -36,7 +36,11 @@ from typing import NoReturn
 # GCS port among them). So a node takes the first block, from its job's on, in which its
 # slot's fixed ports are free (`free_ports`): a port held by a connection, or by a job
 # whose id is congruent mod 40, moves the node to the next block instead of failing it.
-# Worker ports need no such care: the raylet skips those it finds taken.
+# Checking is not enough where two nodes start at once: a node moved to the next block
+# finds it free because that job's node has not bound it yet, and both start there (CI
+# saw a job's driver reach the neighbouring job's GCS). So a node also claims its slot on
+# the host (`claim_slot`) until its `ray start` ends. Worker ports need no such care: the
+# raylet skips those it finds taken.
 PORT_BASE = 30000
 JOB_BLOCKS = 40
 NODE_SLOTS = 8
@@ -108,13 +112,31 @@ def _free(port: int) -> bool:
     return True
 
 
-def free_ports(job_id: int, node_id: int, head: bool) -> RayPorts:
-    """This node's ports: those of its job's block or, where one that Ray binds at start-up
-    is taken on this host, of the next block whose are all free."""
+def claim_slot(ports: RayPorts) -> socket.socket | None:
+    """This host's claim on the slot ``ports`` (None: another node holds it), held while the
+    returned socket is open. An abstract unix socket: one name per host, as ports are (per
+    network namespace), for every user, and gone with the last process holding it."""
+    claim = socket.socket(socket.AF_UNIX)
+    try:
+        claim.bind(f"\0dlaunch-ray-slot-{ports.gcs}")
+    except OSError:
+        claim.close()
+        return None
+    return claim
+
+
+def free_ports(job_id: int, node_id: int, head: bool) -> tuple[RayPorts, socket.socket]:
+    """This node's ports, and its claim on them (`claim_slot`): those of its job's block or,
+    where another node claims that slot, or one of the ports Ray binds at start-up is taken
+    on this host, of the next block free of both."""
     for later in range(JOB_BLOCKS):
         ports = ray_ports(job_id + later, node_id)
+        claim = claim_slot(ports)
+        if claim is None:
+            continue
         if all(_free(port) for port in ports.fixed(head).values()):
-            return ports
+            return ports, claim
+        claim.close()
     _fail(f"no block of Ray ports has its node {node_id} slot free on {socket.gethostname()}")
 
 
@@ -184,7 +206,9 @@ def start(head: bool) -> NoReturn:
     # SLURM_NODEID counts the nodes of this step, and the workers' step leaves out the
     # head: the step's node k is the job's node k + 1.
     node_id = 0 if head else int(os.environ["SLURM_NODEID"]) + 1
-    ports = free_ports(job_id, node_id, head)
+    ports, claim = free_ports(job_id, node_id, head)
+    # Held across the exec, by `ray start --block`, for as long as the node runs.
+    claim.set_inheritable(True)
     temp = temp_dir(job_id, node_id)
     _own_dir(temp.parent)
     temp.mkdir(exist_ok=True)

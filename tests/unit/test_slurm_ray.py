@@ -4,10 +4,12 @@ clean, with every recipe value quoted."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ from cluster import ray_node
 from cluster.ray_node import (
     JOB_BLOCKS,
     NODE_SLOTS,
+    RayPorts,
+    claim_slot,
     free_ports,
     node_ip,
     ray_ports,
@@ -61,14 +65,69 @@ def test_ray_start_names_every_port_ray_would_otherwise_default():
         assert {name: params[name] for name in named if params[name] not in ports.all()} == {}
 
 
+def ports_taken(job_id: int, node_id: int, head: bool) -> RayPorts:
+    """The ports ``free_ports`` gives, its claim on them given up at once."""
+    ports, claim = free_ports(job_id, node_id, head)
+    claim.close()
+    return ports
+
+
 def test_a_node_whose_ports_are_taken_takes_the_next_block(monkeypatch):
     taken = {ray_ports(500, 1).node_manager, ray_ports(501, 1).metrics_export}
     monkeypatch.setattr(ray_node, "_free", lambda port: port not in taken)
-    assert free_ports(500, 1, head=False) == ray_ports(502, 1)
+    assert ports_taken(500, 1, head=False) == ray_ports(502, 1)
     # The head-only ports of a worker's slot are not its to check.
     taken = {ray_ports(500, 1).gcs}
-    assert free_ports(500, 1, head=False) == ray_ports(500, 1)
-    assert free_ports(500, 1, head=True) == ray_ports(501, 1)
+    assert ports_taken(500, 1, head=False) == ray_ports(500, 1)
+    assert ports_taken(500, 1, head=True) == ray_ports(501, 1)
+
+
+def test_a_slot_another_node_claims_is_skipped_though_its_ports_are_still_free():
+    # Two nodes starting at once: neither's Ray has bound its ports yet.
+    first, claim = free_ports(610, 2, head=True)
+    try:
+        assert first == ray_ports(610, 2)
+        assert all(ray_node._free(port) for port in first.fixed(head=True).values())
+        assert ports_taken(610, 2, head=True) == ray_ports(611, 2)
+        # A job displaced into the next job's block, as CI saw, keeps that job out of it.
+        assert ports_taken(609, 2, head=True) == ray_ports(609, 2)
+        with socket.socket() as listener:
+            listener.bind(("", ray_ports(609, 2).node_manager))
+            assert ports_taken(609, 2, head=True) == ray_ports(611, 2)
+    finally:
+        claim.close()
+    assert ports_taken(610, 2, head=True) == ray_ports(610, 2)
+
+
+def test_a_node_holds_its_slot_for_as_long_as_its_ray_start_runs(tmp_path):
+    # `ray start` here is a stand-in that says it started and waits: what is tested is the
+    # claim that cluster.ray_node hands over to it across the exec.
+    fake_ray = tmp_path / "fake" / "ray"
+    (fake_ray / "scripts").mkdir(parents=True)
+    for package in (fake_ray, fake_ray / "scripts"):
+        (package / "__init__.py").write_text("")
+    started = tmp_path / "started"
+    (fake_ray / "scripts" / "scripts.py").write_text(
+        f"import pathlib, time\npathlib.Path({str(started)!r}).touch()\ntime.sleep(300)\n")
+    head_file = tmp_path / "head"
+    env = {**os.environ, "SLURM_JOB_ID": "733", "SLURM_CPUS_ON_NODE": "1", ray_node.NODE_IP_VAR: "127.0.0.1",
+           ray_node.HEAD_FILE_VAR: str(head_file),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), str(Path(ray_node.__file__).parents[1])])}
+    node = subprocess.Popen([sys.executable, "-m", "cluster.ray_node", "head"], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert node.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        gcs = int(head_file.read_text().strip().rpartition(":")[2])
+        ports = next(ray_ports(733 + later, 0) for later in range(JOB_BLOCKS) if ray_ports(733 + later, 0).gcs == gcs)
+        assert claim_slot(ports) is None
+    finally:
+        node.kill()
+        node.wait()
+    released = claim_slot(ports)
+    assert released is not None
+    released.close()
 
 
 def test_a_listening_socket_makes_its_port_taken():
