@@ -8,6 +8,7 @@ import ipaddress
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -132,6 +133,15 @@ def assert_same_weights(run_dir: Path, straight_dir: Path) -> None:
 
 
 CLUSTER_FIXTURES = ("slurm_cluster", "ray_cluster")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Commands the tests start get SIGINT as a terminal's foreground command has it. A
+    suite started in the background by a non-interactive shell (`make test &`) inherits
+    it ignored, Python keeps it so, and so would every CLI the tests start: a Ctrl-C test
+    then waited out a whole run."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marks
