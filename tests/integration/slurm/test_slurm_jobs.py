@@ -164,7 +164,7 @@ model: {{name: mlp, kwargs: {{hidden: [512, 512]}}}}
 data: {{source: synthetic, samples: 4096, num_features: 128, num_classes: 4}}
 engine: {{name: deepspeed, zero_stage: 2}}
 precision: {{dtype: fp32}}
-train: {{micro_batch_size: 16, max_steps: 900, eval_every: 300, checkpoint_every: 300,
+train: {{micro_batch_size: 16, max_steps: 450, eval_every: 150, checkpoint_every: 150,
         early_stopping: {{patience: null}}}}
 logging: {{run_root: {root}, progress: false, report: false, log_every: 5}}
 """
@@ -200,7 +200,7 @@ def test_preempted_twice_requeues_resumes_and_ends_with_the_unpreempted_weights(
     assert wait_for(slurm_cluster, job_id, timeout=600) == "COMPLETED"
     assert int(slurm_cluster.job(job_id)["Restarts"]) == 2
     assert len(metrics(run_dir, "resume")) == 2
-    assert metrics(run_dir, "summary")[-1]["steps"] == 900
+    assert metrics(run_dir, "summary")[-1]["steps"] == 450
 
     plain = tmp_path / "plain.yaml"
     plain.write_text(PREEMPTIBLE.format(root=tmp_path / "local"))
