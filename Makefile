@@ -9,7 +9,7 @@ TORCH := torch==2.13.0
 .PHONY: setup quickstart test
 
 # --no-compile: Python compiles a module when it is first imported; compiling every
-# installed one up front (torch, Ray, MLflow...) took 56 of this step's 109 s here.
+# installed one up front (torch, Ray, MLflow...) took 87 of this step's 148 s here.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
