@@ -8,12 +8,10 @@ TORCH := torch==2.13.0
 
 .PHONY: setup quickstart test
 
-# --no-compile: Python compiles a module when it is first imported; compiling every
-# installed one up front (torch, Ray, MLflow...) took 87 of this step's 148 s here.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --no-compile $(TORCH) -e '.[test]'
+	$(BIN)/pip install --quiet $(TORCH) -e '.[test]'
 	touch $@
 
 setup: $(VENV)/.installed
