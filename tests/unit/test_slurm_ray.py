@@ -113,6 +113,7 @@ def test_a_node_holds_its_slot_for_as_long_as_its_ray_start_runs(tmp_path):
     env = {**os.environ, "SLURM_JOB_ID": "733", "SLURM_CPUS_ON_NODE": "1", ray_node.NODE_IP_VAR: "127.0.0.1",
            ray_node.HEAD_FILE_VAR: str(head_file),
            "PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), str(Path(ray_node.__file__).parents[1])])}
+    made = not temp_dir(733, 0).parent.exists()  # the node's Ray temp dir, left to remove
     node = subprocess.Popen([sys.executable, "-m", "cluster.ray_node", "head"], env=env)
     try:
         deadline = time.monotonic() + 60
@@ -125,6 +126,8 @@ def test_a_node_holds_its_slot_for_as_long_as_its_ray_start_runs(tmp_path):
     finally:
         node.kill()
         node.wait()
+        if made:
+            shutil.rmtree(temp_dir(733, 0).parent, ignore_errors=True)
     released = claim_slot(ports)
     assert released is not None
     released.close()
