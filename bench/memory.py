@@ -96,9 +96,10 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from launcher.engines.base import loss_fn
+    from launcher.engines.imports import import_engine
     from launcher.models.build import build_model
     from launcher.models.transfer import Transfer
-    from launcher.trainer import _hidden_module, create_engine, seed_everything
+    from launcher.trainer import create_engine, seed_everything
 
     rank = int(os.environ["RANK"])
     plan = plan_for(args.stage, int(os.environ["WORLD_SIZE"]), args.hidden, args.run_dir, args.precision)
@@ -111,8 +112,7 @@ def worker(args: argparse.Namespace) -> None:
     batches = [(torch.randn(plan.training.batch.micro, *data.input_shape, device=device),
                 torch.randint(data.num_classes, (plan.training.batch.micro,), device=device))
                for _ in range(args.steps)]
-    with _hidden_module("mlflow"):  # as create_engine imports it; its start-up tensors before the baseline
-        import deepspeed  # noqa: F401
+    import_engine(plan)  # as create_engine does; its start-up tensors before the baseline
 
     def allocated(collect: bool = True) -> int:
         return torch.cuda.memory_allocated() if cuda else live_tensor_bytes(collect)

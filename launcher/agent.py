@@ -5,8 +5,8 @@ It is torchrun's own elastic agent (same options, rendezvous, restarts and shutd
 with one difference: the ranks are forked from this process after it has imported what
 every rank of the plan imports, instead of each starting a Python of its own. On a CPU
 host those imports are most of a short run: torch, DeepSpeed or Accelerate, and the
-torch._dynamo and torch._inductor that torch.optim and DeepSpeed's ZeRO pull in on
-first use, 8 to 9 s of CPU a rank on a 2-core machine. Here a node pays them once.
+torch._dynamo that torch.optim pulls in on first use, 6 to 7 s of CPU a rank on a
+2-core machine. Here a node pays them once.
 
 The local and Slurm backends start this agent for the built-in trainer on the CPU
 (cluster/process.py). A CUDA plan keeps torchrun, whose ranks exec: a fork carries no
@@ -32,21 +32,13 @@ from launcher.plan import LaunchPlan
 from launcher.rundir import PLAN
 
 
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
 def import_what_ranks_import(plan: LaunchPlan) -> None:
     """Import, before any rank is forked, the modules each rank of ``plan`` would import."""
-    from launcher.trainer import import_engine
+    from launcher.engines.imports import import_engine
 
     import_engine(plan)
     import torch._dynamo  # noqa: F401  (an optimizer's first add_param_group imports it)
 
-    if plan.training.engine.name == "deepspeed":
-        # ZeRO imports DeepSpeed's Muon module, whose @torch.compile decorators import
-        # inductor; compiling a function (which runs nothing) imports the same.
-        torch.compile(_identity)
     if plan.recipe.data.loader == "dali":
         import launcher.data.dali_loader  # noqa: F401
 

@@ -13,7 +13,6 @@ the step, so a resumed run sees exactly the batches the uninterrupted run would 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -21,7 +20,6 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from launcher.data.datasets import Split, load_split
 from launcher.data.loaders import Batch, eval_batches, train_batches
 from launcher.data.stream_rows import streamed_split
 from launcher.engines.base import Engine, StepResult, monitor_mode, sample_scores
+from launcher.engines.imports import import_engine
 from launcher.engines.module_stats import ActivationRecorder, recording_activations
 from launcher.faults import Faults
 from launcher.flops import Throughput, peak_flops, training_flops_per_sample
@@ -59,23 +58,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def import_engine(plan: LaunchPlan) -> type[Engine]:
-    """The engine class of ``plan``, with the library it drives imported."""
-    if plan.training.engine.name == "deepspeed":
-        # DeepSpeed's autotuner imports MLflow when it is installed, for its own logging,
-        # which dlaunch does not use: a second of start-up on every rank. MLflow stays
-        # importable for the MLflow sink.
-        with _hidden_module("mlflow"):
-            import deepspeed  # noqa: F401
-
-        from launcher.engines.deepspeed import DeepSpeedEngine
-
-        return DeepSpeedEngine
-    from launcher.engines.accelerate import AccelerateEngine
-
-    return AccelerateEngine
-
-
 def create_engine(plan: LaunchPlan, model: torch.nn.Module, groups: list[dict]) -> Engine:
     """Build the engine to train ``groups`` of ``model``'s parameters; this joins the
     process group."""
@@ -92,21 +74,6 @@ def create_engine(plan: LaunchPlan, model: torch.nn.Module, groups: list[dict]) 
         deepspeed.init_distributed(dist_backend=plan.topology.dist_backend,
                                    timeout=process_group_timeout(plan))
     return engine(plan, model, groups)
-
-
-@contextlib.contextmanager
-def _hidden_module(name: str) -> Iterator[None]:
-    """Within the block, ``import name`` fails as if the module were not installed
-    (unless it is imported already); after it, the module imports as usual."""
-    if name in sys.modules:
-        yield
-        return
-    sys.modules[name] = None  # type: ignore[assignment]  # the import system's "not found"
-    try:
-        yield
-    finally:
-        if sys.modules.get(name, ...) is None:
-            del sys.modules[name]
 
 
 def collective_device(plan: LaunchPlan) -> torch.device:
