@@ -31,14 +31,13 @@ class Probe(torch.nn.Module):
 """
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_a_deepspeed_rank_trains_without_importing_mlflow_or_inductor(tmp_path, write_recipe, stage):
+def test_a_deepspeed_rank_trains_without_importing_mlflow_or_inductor(tmp_path, write_recipe):
     (tmp_path / "probe.py").write_text(PROBE_MODEL)
     out = tmp_path / "imported.jsonl"
     recipe = write_recipe(f"""
 model: {{target: "probe:Probe"}}
 data: {{source: synthetic, samples: 320, num_features: 16, num_classes: 4}}
-engine: {{name: deepspeed, zero_stage: {stage}}}
+engine: {{name: deepspeed, zero_stage: 2}}
 train: {{micro_batch_size: 16, max_steps: 4}}
 logging: {{run_root: {tmp_path / "runs"}, progress: false, report: false, tensorboard: false}}
 """)
