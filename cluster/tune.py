@@ -34,7 +34,7 @@ from cluster.ray import RayBackend, connected, node_bundles, ray_address
 from cluster.tune_space import param_space, search_algorithm, trial_scheduler
 from launcher.manifest import verify
 from launcher.monitor import read_records, read_resumed_records
-from launcher.plan import LaunchPlan
+from launcher.plan import LaunchPlan, StepPlan
 from launcher.rundir import CHECKPOINTS, PLAN, RECIPE, write_atomic
 from launcher.sweep import SweepSpec, overrides_for
 from launcher.yamlio import dump_yaml
@@ -87,16 +87,32 @@ def _summary(run_dir: Path) -> bool:
 
 
 class _NewEvals:
-    """The evaluations a trial's metrics.jsonl gained since the last look."""
+    """The evaluations a trial's metrics.jsonl gained since the last look.
 
-    def __init__(self, run_dir: Path, skip_existing: bool) -> None:
+    Given the trial's ``steps`` (under PBT), the newest evaluation, at a step the trainer
+    also checkpoints, waits for that checkpoint, which the trainer writes just after it:
+    PBT copies only a checkpoint reported with a result, and a trial reported without
+    one is no donor (in one test run the good trials were reported so at every
+    perturbation, and nothing was exploited). It waits until the checkpoint is in place,
+    a later evaluation shows the trainer went past it, or the job has ended."""
+
+    def __init__(self, run_dir: Path, skip_existing: bool, steps: StepPlan | None = None) -> None:
         self.run_dir = run_dir
         self.seen = len(_evals(run_dir)) if skip_existing else 0
+        self.steps = steps
 
-    def __call__(self) -> list[dict[str, Any]]:
-        evals = _evals(self.run_dir)
-        new, self.seen = evals[self.seen:], len(evals)
+    def __call__(self, ended: bool = False) -> list[dict[str, Any]]:
+        new = _evals(self.run_dir)[self.seen:]
+        if new and not ended and self._awaits_checkpoint(new[-1]["step"]):
+            new = new[:-1]
+        self.seen += len(new)
         return new
+
+    def _awaits_checkpoint(self, step: int) -> bool:
+        steps = self.steps
+        if steps is None or (step % steps.checkpoint_every and step != steps.total):
+            return False
+        return not (self.run_dir / CHECKPOINTS / f"step-{step:08d}").exists()
 
 
 def _report(record: dict[str, Any], run_dir: Path, with_checkpoint: bool) -> None:
@@ -176,10 +192,10 @@ def run_trial(config: dict[str, Any], sweep_dir: str, pbt: bool) -> None:
     record = {"trial_id": trial_id, "overrides": overrides, "end": None, "adopted": adopted}
     _write_record(run_dir, record)
 
-    new_evals = _NewEvals(run_dir, skip_existing=resuming)
+    new_evals = _NewEvals(run_dir, skip_existing=resuming, steps=plan.training.steps if pbt else None)
     job = RayBackend(group=get_current_placement_group()).submit(plan)
     code = job.wait(every_poll=lambda: [_report(r, run_dir, pbt) for r in new_evals()])
-    for late in new_evals():
+    for late in new_evals(ended=True):
         _report(late, run_dir, pbt)
     if code != 0:
         raise RuntimeError(f"trial {trial_id} failed (exit code {code}); see {run_dir / 'logs'}")
