@@ -197,7 +197,7 @@ def test_dlaunch_sweep_on_slurm_runs_every_trial_on_the_allocations_ray(slurm_cl
     job_id = submitted.stdout.strip()
     [sweep] = list(root.iterdir())
     assert (sweep / "slurm" / "job_id").read_text().strip() == job_id
-    job = slurm_cluster.wait_job(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=600)
+    [job] = finish(slurm_cluster, [job_id], timeout=600)
     output = (sweep / f"slurm-{job_id}.out").read_text(errors="replace")
     assert job["JobState"] == "COMPLETED", output[-4000:]
     assert job["NumNodes"] == "2"  # nodes per trial x max_concurrent
@@ -207,4 +207,3 @@ def test_dlaunch_sweep_on_slurm_runs_every_trial_on_the_allocations_ray(slurm_cl
         ray_job = json.loads((sweep / "trials" / row["trial_id"] / "ray" / "job.json").read_text())
         assert len(set(ray_job["ray_nodes"])) == 2
     assert (sweep / "best.yaml").exists()
-    assert not ray_pids(job_id)
