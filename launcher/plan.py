@@ -397,9 +397,12 @@ def _env(recipe: Recipe, topo: Topology, host: HostFacts) -> dict[str, str]:
         if topo.backend == "ray":  # a rank gets the CPUs Ray reserves for it
             env["OMP_NUM_THREADS"] = str(max(1, int(recipe.cluster.ray.cpus_per_worker)))
             return env
-        cpus = recipe.cluster.slurm.cpus_per_task if topo.backend == "slurm" else host.cpus
+        if topo.backend == "slurm":
+            cpus, sharing = recipe.cluster.slurm.cpus_per_task, topo.procs_per_node
+        else:  # the local backend's nodes are all this host: every rank shares its cores
+            cpus, sharing = host.cpus, topo.world_size
         if cpus:
-            env["OMP_NUM_THREADS"] = str(max(1, cpus // topo.procs_per_node))
+            env["OMP_NUM_THREADS"] = str(max(1, cpus // sharing))
     return env
 
 

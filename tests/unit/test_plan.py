@@ -242,6 +242,21 @@ def test_a_profile_window_past_the_last_step_is_refused():
     assert plan(recipe(train={"max_steps": 14}, logging={"profile": {"start_step": 10, "steps": 5}}))
 
 
+def test_cpu_ranks_share_the_cores_of_their_node_and_local_nodes_share_this_hosts():
+    def threads(r: Recipe, backend: str, nodes: int, procs: int) -> str | None:
+        built = build_plan(r, host=CPU, data=DIGITS, run_dir="runs/x", backend=backend, nodes=nodes,
+                           procs_per_node=procs)
+        return built.env.get("OMP_NUM_THREADS")
+
+    # The local backend's nodes are all this 8-core host: 2 nodes of 2 ranks, not 2 of 4,
+    # which oversubscribed 2 cores 2x and made a 2-node quickstart 8x slower.
+    assert [threads(recipe(), "local", n, p) for n, p in ((1, 2), (2, 2), (4, 4))] == ["4", "2", "1"]
+    # A Slurm node's cores are the ones the job asks each node's task for.
+    on_slurm = recipe(cluster={"slurm": {"cpus_per_task": 8}})
+    assert [threads(on_slurm, "slurm", n, p) for n, p in ((1, 2), (4, 2), (2, 12))] == ["4", "4", "1"]
+    assert threads(recipe(), "slurm", 4, 2) is None  # the node's own (torchrun's, for several ranks)
+
+
 def test_cpu_ranks_keep_freed_memory_in_the_heap_and_gpu_ranks_are_left_alone():
     cpu = plan(recipe()).env
     assert cpu["MALLOC_MMAP_THRESHOLD_"] == cpu["MALLOC_TRIM_THRESHOLD_"] == str(1 << 30)

@@ -60,7 +60,10 @@ def local_run(tmp_path, recipe: str, *args: str) -> Path:
 ])
 def test_quickstart_as_slurm_job_matches_the_local_backend(slurm_cluster, tmp_path, nodes, procs, engine):
     recipe = "recipes/quickstart.yaml"
+    # One core a node, as on the local backend, whose nodes share this host's two: the
+    # same threads on both (a float sum's order), and four nodes do not oversubscribe them.
     common = ("--nodes", str(nodes), "--procs-per-node", str(procs), "--set", "train.epochs=2",
+              "--set", "cluster.slurm.cpus_per_task=1",
               "--set", "logging.progress=false", "--set", "logging.report=false", *engine)
     job_id = submit(slurm_cluster, recipe, "--set", f"logging.run_root={tmp_path / 'slurm'}", *common)
     assert wait_for(slurm_cluster, job_id) == "COMPLETED"
@@ -167,6 +170,7 @@ precision: {{dtype: fp32}}
 train: {{micro_batch_size: 16, max_steps: 450, eval_every: 150, checkpoint_every: 150,
         early_stopping: {{patience: null}}}}
 logging: {{run_root: {root}, progress: false, report: false, log_every: 5}}
+cluster: {{slurm: {{cpus_per_task: 1}}}}  # one thread a rank, as the local run's
 """
 
 
@@ -234,7 +238,8 @@ def test_array_job_trains_each_grid_point_in_its_own_run_dir(slurm_cluster, tmp_
         "data": {"source": "synthetic", "samples": 640, "num_features": 16, "num_classes": 4},
         "precision": {"dtype": "fp32"}, "engine": {"name": "accelerate"},
         "train": {"micro_batch_size": 16, "max_steps": 20},
-        "logging": {"run_root": str(tmp_path / "runs"), "progress": False}}))
+        "logging": {"run_root": str(tmp_path / "runs"), "progress": False},
+        "cluster": {"slurm": {"cpus_per_task": 1}}}))
     jobs = submit(slurm_cluster, str(recipe), "--nodes", "2", "--array", "optim.lr=[0.001, 0.01]").split()
     assert len(jobs) == 2 and jobs[0].endswith("_0") and jobs[1].endswith("_1")
     assert [wait_for(slurm_cluster, job) for job in jobs] == ["COMPLETED", "COMPLETED"]
