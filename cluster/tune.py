@@ -32,6 +32,7 @@ from ray.util import get_current_placement_group
 
 from cluster.ray import RayBackend, connected, node_bundles, ray_address
 from cluster.tune_space import param_space, search_algorithm, trial_scheduler
+from launcher import tune_gate
 from launcher.manifest import verify
 from launcher.monitor import read_records, read_resumed_records
 from launcher.plan import LaunchPlan, StepPlan
@@ -115,14 +116,22 @@ class _NewEvals:
         return not (self.run_dir / CHECKPOINTS / f"step-{step:08d}").exists()
 
 
+def _report_all(records: list[dict[str, Any]], run_dir: Path, pbt: bool) -> None:
+    for record in records:
+        _report(record, run_dir, with_checkpoint=pbt)
+        if pbt:  # Tune took it and let the trial go on: so may its job
+            tune_gate.let_through(run_dir, record["step"])
+
+
 def _report(record: dict[str, Any], run_dir: Path, with_checkpoint: bool) -> None:
     metrics = {key: record[key] for key in ("val_loss", "val_acc")} | {"step": record["step"]}
     if not with_checkpoint:
         tune.report(metrics)
         return
-    # PBT copies a better trial's checkpoint into a worse one. The job trains on while
-    # Tune copies, and may prune this checkpoint (train.keep_last) under it: Tune gets a
-    # hard-linked copy that nothing else deletes, or none.
+    # PBT copies a better trial's checkpoint into a worse one. The job waits while Tune
+    # copies (launcher/tune_gate.py), but a checkpoint pruned (train.keep_last) before the
+    # trial got to it must not reach Tune in part: Tune gets a hard-linked copy that
+    # nothing else deletes, or none.
     frozen = _frozen_copy(run_dir / CHECKPOINTS / f"step-{record['step']:08d}", run_dir / REPORTING)
     try:
         tune.report(metrics, checkpoint=None if frozen is None else tune.Checkpoint.from_directory(str(frozen)))
@@ -193,10 +202,12 @@ def run_trial(config: dict[str, Any], sweep_dir: str, pbt: bool) -> None:
     _write_record(run_dir, record)
 
     new_evals = _NewEvals(run_dir, skip_existing=resuming, steps=plan.training.steps if pbt else None)
+    if pbt:  # the job waits for Tune's decision at each evaluation (launcher/tune_gate.py)
+        tune_gate.reset(run_dir)
+        plan = plan.model_copy(update={"env": {**plan.env, tune_gate.ENV: "1"}})
     job = RayBackend(group=get_current_placement_group()).submit(plan)
-    code = job.wait(every_poll=lambda: [_report(r, run_dir, pbt) for r in new_evals()])
-    for late in new_evals(ended=True):
-        _report(late, run_dir, pbt)
+    code = job.wait(every_poll=lambda: _report_all(new_evals(), run_dir, pbt))
+    _report_all(new_evals(ended=True), run_dir, pbt)
     if code != 0:
         raise RuntimeError(f"trial {trial_id} failed (exit code {code}); see {run_dir / 'logs'}")
     _write_record(run_dir, {**record, "end": "finished"})

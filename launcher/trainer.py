@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from launcher import checkpoint, preemption
+from launcher import checkpoint, preemption, tune_gate
 from launcher.alerts import Alerts
 from launcher.data.augment import mix_batch
 from launcher.data.datasets import Split, load_split
@@ -181,6 +181,7 @@ class Trainer:
         self.progress = progress
         self.faults = Faults.from_env(self.rank)
         self.profiler = StepProfiler(plan.recipe.logging.profile, self.run_dir / "profile", self.rank, self.on_gpu)
+        self.tune_gate = tune_gate.enabled()  # a PBT trial's job: wait for Tune at each evaluation
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -247,6 +248,10 @@ class Trainer:
                         or self.stopped_early or preempted):
                     self.progress.mark(self.step, "checkpoint")
                     self._checkpoint()
+                    if (self.tune_gate and self.step % self.steps.eval_every == 0 and self.step < total
+                            and not (self.stopped_early or preempted)):
+                        self.progress.mark(self.step, "report")
+                        tune_gate.wait(self.run_dir, self.step)
                 if preempted and self.step < total and not self.stopped_early:
                     self._record("preempted", {"slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                                                "restart_count": os.environ.get("SLURM_RESTART_COUNT", "0")})

@@ -59,6 +59,7 @@ _DOING: dict[Phase, str] = {
     "eval": "evaluating at step {step}",
     "snapshot": "saving step {step}'s snapshot",
     "checkpoint": "writing step {step}'s checkpoint",
+    "report": "waiting for Ray Tune to take step {step}'s evaluation",
     "finish": "finishing (the final weights' gather)",
 }
 _AT: dict[Phase, str] = {
@@ -69,6 +70,7 @@ _AT: dict[Phase, str] = {
     "eval": "step {step}'s evaluation",
     "snapshot": "step {step}'s snapshot",
     "checkpoint": "step {step}'s checkpoint",
+    "report": "Ray Tune's decision on step {step}'s evaluation",
     "finish": "the end of training (the final weights' gather)",
 }
 
