@@ -49,7 +49,9 @@ def test_each_rank_waits_at_each_evaluation_until_the_trial_lets_it_through(tmp_
                            cwd=REPO, env={**os.environ, tune_gate.ENV: "1"},
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_until(lambda: root.exists() and any(root.iterdir()), "the run dir", job)
+        # Until the run dir is renamed into place, the root holds only its staging folder.
+        wait_until(lambda: root.exists() and any(not p.name.startswith(".") for p in root.iterdir()),
+                   "the run dir", job)
         run_dir = only_run_dir(root)
         for step in (10, 20):  # not at the last step, 30: nothing is left to decide there
             wait_until(lambda s=step: all(waiting_at(run_dir, rank) == s for rank in (0, 1)),
