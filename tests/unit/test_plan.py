@@ -248,8 +248,8 @@ def test_cpu_ranks_share_the_cores_of_their_node_and_local_nodes_share_this_host
                            procs_per_node=procs)
         return built.env.get("OMP_NUM_THREADS")
 
-    # The local backend's nodes are all this 8-core host: 2 nodes of 2 ranks, not 2 of 4,
-    # which oversubscribed 2 cores 2x and made a 2-node quickstart 8x slower.
+    # The local backend's nodes are all this 8-core host: 2 nodes of 2 ranks get 2 threads
+    # a rank, not 4 (16 threads on 8 cores; on 2 cores that made a 2-node quickstart 8x slower).
     assert [threads(recipe(), "local", n, p) for n, p in ((1, 2), (2, 2), (4, 4))] == ["4", "2", "1"]
     # A Slurm node's cores are the ones the job asks each node's task for.
     on_slurm = recipe(cluster={"slurm": {"cpus_per_task": 8}})
