@@ -83,7 +83,7 @@ def trial_scheduler(spec: SweepSpec, max_t: int) -> TrialScheduler:
     ranges = {dim.key: dim.extremes for dim in spec.dimensions if dim.values is None}
     return PopulationBasedTraining(
         time_attr="training_iteration", metric=spec.metric, mode=spec.mode,
-        perturbation_interval=config.perturbation_interval,
+        perturbation_interval=config.perturbation_interval, synch=config.synch,
         hyperparam_mutations=_nest({dim.key: _mutation(dim) for dim in spec.dimensions}),
         # A partial of a module function, not a closure: Tune pickles the scheduler
         # into its experiment state.

@@ -563,6 +563,12 @@ class SweepSchedulerConfig(Section):
     """asha: keep the best 1/reduction_factor of trials at each rung."""
     perturbation_interval: int = Field(default=2, gt=0)
     """pbt: evaluations between two exploit/explore decisions."""
+    synch: bool = False
+    """pbt: decide only when every trial has reached the same evaluation (Tune's
+    synchronous PBT), so each decision ranks the whole population. Asynchronous PBT
+    (the default) decides as each trial arrives, against the others' last results, and
+    skips a clone when the better trial was not checkpointed at its own last decision;
+    synchronous PBT pauses, and so restarts, every trial at each decision."""
 
 
 class SweepConfig(Section):

@@ -158,6 +158,8 @@ def test_pbt_mutates_every_dimension_in_the_nested_space():
     assert isinstance(scheduler, PopulationBasedTraining)
     assert (scheduler.metric, scheduler._mode, scheduler._time_attr) == ("val_loss", "min", "training_iteration")
     assert scheduler._perturbation_interval == 2
+    assert scheduler._synch is False
+    assert trial_scheduler(make_spec(LR, scheduler="pbt", synch=True), max_t=10)._synch is True
     mutations = scheduler._hyperparam_mutations
     assert mutations["optim"]["weight_decay"] == [0.0, 0.01]
     assert mutations["train"]["micro_batch_size"] == [16, 32]
