@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from launcher.engines.base import Engine
+from launcher.engines.base import Engine, recipe_options_kept
 from launcher.errors import FinalFailure
 from launcher.faults import Faults
 from launcher.manifest import MANIFEST, TRAINER_STATE, loadable, verify, write_manifest
@@ -190,7 +190,9 @@ def choose(run_dir: str | Path) -> Choice:
 
 
 def load(checkpoint: Path, engine: Engine) -> dict[str, Any]:
-    """Restore the engine and this rank's RNG; return the trainer state."""
-    engine.load(checkpoint / "engine")
+    """Restore the engine and this rank's RNG; return the trainer state. The optimizer
+    keeps the options of this run's recipe, not those the checkpoint was saved with."""
+    with recipe_options_kept(engine.schedule.optimizer):
+        engine.load(checkpoint / "engine")
     set_rng_state(torch.load(checkpoint / "rng" / f"rank-{dist.get_rank()}.pt", weights_only=False))
     return json.loads((checkpoint / TRAINER_STATE).read_text())

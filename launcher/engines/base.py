@@ -7,7 +7,8 @@ accumulation, clipping and the optimizer step the way its library wants them don
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -129,6 +130,24 @@ def make_schedule(plan: LaunchPlan, optimizer: torch.optim.Optimizer) -> LRSched
     shape = schedule_shape(plan.recipe, steps.total, steps.warmup)
     return LRSchedule(optimizer, shape, plateau_factor=schedule.plateau_factor,
                       plateau_patience=schedule.plateau_patience, mode=monitor_mode(plan.recipe.train))
+
+
+# The optimizer options a recipe sets (optim.*), as torch and DeepSpeed name them in a
+# param group. Not "lr" (the schedule sets it every step), nor what an optimizer counts in
+# its groups (DeepSpeed's fused Adam keeps its step count there).
+RECIPE_GROUP_OPTIONS = ("weight_decay", "betas", "eps", "momentum")
+
+
+@contextmanager
+def recipe_options_kept(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Loading optimizer state also loads the options its param groups were saved with
+    (torch's and DeepSpeed's load_state_dict replace each group's). Around a load, this
+    puts the recipe's back: a PBT trial that took another trial's checkpoint with
+    perturbed values (cluster/tune.py) steps with its own weight decay, betas and eps."""
+    chosen = [{key: group[key] for key in RECIPE_GROUP_OPTIONS if key in group} for group in optimizer.param_groups]
+    yield
+    for group, options in zip(optimizer.param_groups, chosen, strict=True):
+        group.update(options)
 
 
 def monitor_mode(train: TrainConfig) -> Literal["min", "max"]:

@@ -7,6 +7,9 @@ before the first checkpoint are the fault suite's (tests/faults/)."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -64,3 +67,40 @@ def test_killed_and_resumed_run_ends_with_identical_weights(tmp_path, engine, st
     # The same evaluation at the end, to the last bit.
     assert metrics(run_dir, "summary")[-1]["val_loss"] == metrics(straight_dir, "summary")[-1]["val_loss"]
 
+
+
+def replan(run_dir: Path, override: str) -> None:
+    """What PBT does to a trial it clones into (cluster/tune.py): the run's plan made
+    again from its recipe with another value, before the job resumes."""
+    from launcher.data.facts import describe
+    from launcher.host import detect_host
+    from launcher.models.facts import model_facts
+    from launcher.plan import build_plan
+    from launcher.recipe import load_recipe
+
+    recipe, _ = load_recipe(run_dir / "recipe.yaml", [override])
+    data = describe(recipe.data)
+    plan = build_plan(recipe, host=detect_host(), data=data, run_dir=str(run_dir), backend="local",
+                      nodes=1, procs_per_node=2, model=model_facts(recipe, data))
+    (run_dir / "plan.json").write_text(plan.to_json())
+
+
+@pytest.mark.parametrize("engine,stage", [("deepspeed", 2), ("accelerate", 0)])
+def test_a_checkpoint_resumed_under_a_larger_weight_decay_decays_the_weights_more(tmp_path, engine, stage):
+    # Loading the optimizer state also loads the weight decay it was saved with; the
+    # resumed run must step with its own recipe's (0.01 before the kill, 2.0 after).
+    killed, run_dir = run(tmp_path, "same", engine, stage, env=kill_after(KILL_AFTER))
+    assert killed.returncode != 0
+    decayed_dir = tmp_path / "decayed"
+    shutil.copytree(run_dir, decayed_dir)
+    replan(decayed_dir, "optim.weight_decay=2.0")
+    for resumed_dir in (run_dir, decayed_dir):
+        resumed = dlaunch("run", "--resume", str(resumed_dir))
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert [r["step"] for r in metrics(resumed_dir, "resume")] == [KILL_AFTER]
+
+    same, decayed = torch.load(run_dir / "model.pt"), torch.load(decayed_dir / "model.pt")
+    matrices = [name for name, weights in same.items() if weights.dim() >= 2]  # the decayed group
+    assert matrices
+    for name in matrices:
+        assert decayed[name].norm() < 0.97 * same[name].norm(), name
