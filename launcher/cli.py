@@ -230,7 +230,8 @@ def _make_plan(args: argparse.Namespace, script_args: list[str], stamp: str, fol
         plan = build_plan(recipe, host=detect_host(), data=data, run_dir=str(run_dir),
                           backend=args.cluster, nodes=args.nodes, procs_per_node=args.procs_per_node,
                           script=str(Path(script).resolve()) if script else None,
-                          script_args=script_args, model=model, target_params=target_params)
+                          script_args=script_args, model=model, target_params=target_params,
+                          user_env=os.environ)
         if uncounted:  # said once the plan stands: bad input stays one line
             print(uncounted, file=sys.stderr)
         return plan, source
@@ -274,7 +275,7 @@ def _cmd_lr_find(args: argparse.Namespace, _: list[str]) -> int:
     planned = argparse.Namespace(**vars(args), cluster="local", address=None, nodes=None, procs_per_node=None)
     plan, source = _make_plan(planned, [], f"lr-find-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
-        test_plan = lr_find.one_process_plan(plan, source, settings, detect_host())
+        test_plan = lr_find.one_process_plan(plan, source, settings, detect_host(), os.environ)
     except UsageError as err:
         raise locate(err, source) from None
     try:

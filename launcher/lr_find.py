@@ -23,7 +23,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,7 +69,8 @@ class Curve:
     """Why the sweep ended before --max-lr, or None."""
 
 
-def one_process_plan(plan: LaunchPlan, source: SourceMap, settings: SweepSettings, host: HostFacts) -> LaunchPlan:
+def one_process_plan(plan: LaunchPlan, source: SourceMap, settings: SweepSettings, host: HostFacts,
+                     user_env: Mapping[str, str]) -> LaunchPlan:
     """``plan`` (the recipe planned as `dlaunch run` would launch it) re-planned for the
     range test: one process on this host, the same global batch, ``settings.steps``
     optimizer steps at a constant LR of ``min_lr``, unscaled (the sweep moves it)."""
@@ -81,7 +82,7 @@ def one_process_plan(plan: LaunchPlan, source: SourceMap, settings: SweepSetting
     # The same model and data: the transfer-learning facts (frozen parameters) carry over.
     return build_plan(recipe_from_data(data, source), host=host, data=plan.training.data,
                       run_dir=plan.run_dir, backend="local", nodes=1, procs_per_node=1,
-                      model=plan.training.model)
+                      model=plan.training.model, user_env=user_env)
 
 
 def run_sweep(plan: LaunchPlan, settings: SweepSettings) -> Curve:

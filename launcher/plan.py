@@ -9,6 +9,7 @@ starts, as ``UsageError`` naming the key to change.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -379,7 +380,20 @@ def _memory(recipe: Recipe, data: DataFacts, topo: Topology, engine: EnginePlan,
                     trainable=params - frozen)
 
 
-def _env(recipe: Recipe, topo: Topology, host: HostFacts) -> dict[str, str]:
+# What the planner sets for CPU ranks that a user may have tuned in the environment
+# dlaunch runs in: theirs wins, as torchrun leaves an OMP_NUM_THREADS it finds alone.
+TUNABLE_ENV = ("OMP_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def _env(recipe: Recipe, topo: Topology, host: HostFacts, user_env: Mapping[str, str]) -> dict[str, str]:
+    env = _planned_env(recipe, topo, host)
+    # Recorded in the plan, not left to inheritance: Slurm and Ray ranks get it too, and
+    # `--resume` from a shell without it runs as the run started.
+    env.update({name: user_env[name] for name in TUNABLE_ENV if name in user_env})
+    return env
+
+
+def _planned_env(recipe: Recipe, topo: Topology, host: HostFacts) -> dict[str, str]:
     env = {"PYTHONUNBUFFERED": "1"}
     if topo.device == "cpu":
         # Tell DeepSpeed rather than let it probe (and warn about) every accelerator.
@@ -410,11 +424,13 @@ def build_plan(recipe: Recipe, *, host: HostFacts, data: DataFacts | None, run_d
                backend: str | None = None, nodes: int | None = None,
                procs_per_node: int | None = None, script: str | None = None,
                script_args: list[str] = (), model: ModelFacts | None = None,
-               target_params: int | None = None) -> LaunchPlan:
+               target_params: int | None = None, user_env: Mapping[str, str] | None = None) -> LaunchPlan:
     """The plan for ``recipe`` on ``host``; ``data`` is None only for ``--script`` jobs,
     ``model`` None unless the recipe is one of transfer learning. ``target_params``: a
     ``model.target`` model's parameters, counted by the caller (the planner imports no
-    torch); without it, such a plan has no memory estimate."""
+    torch); without it, such a plan has no memory estimate. ``user_env``: the
+    environment of the command, whose thread and allocator settings (TUNABLE_ENV) the
+    ranks keep."""
     topo = _topology(recipe, host, backend, nodes, procs_per_node)
     if topo.backend == "ray" and recipe.train.max_restarts:
         # Not built: a lost Ray node takes actors and a bundle of the placement group with
@@ -438,7 +454,7 @@ def build_plan(recipe: Recipe, *, host: HostFacts, data: DataFacts | None, run_d
                                 memory=_memory(recipe, data, topo, engine, model, target_params))
     return LaunchPlan(
         name=recipe.name, run_dir=run_dir, recipe=recipe, topology=topo,
-        env=_env(recipe, topo, host), training=training,
+        env=_env(recipe, topo, host, user_env or {}), training=training,
         script=ScriptPlan(path=script, args=list(script_args)) if script is not None else None,
     )
 

@@ -83,7 +83,7 @@ def test_script_gets_torchrun_environment_and_its_arguments(tmp_path):
         "import json, os, sys\n"
         "import torch.distributed as dist\n"
         "dist.init_process_group('gloo')\n"
-        "keys = ['RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'NODE_RANK', 'MASTER_ADDR', 'MASTER_PORT']\n"
+        "keys = ['RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'NODE_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'OMP_NUM_THREADS']\n"
         "seen = {k: os.environ[k] for k in keys}\n"
         "seen['argv'] = sys.argv[1:]\n"
         "out = os.path.join(os.path.dirname(__file__), f\"rank-{os.environ['RANK']}.json\")\n"
@@ -92,10 +92,12 @@ def test_script_gets_torchrun_environment_and_its_arguments(tmp_path):
         "dist.destroy_process_group()\n")
     root = tmp_path / "runs"
     result = dlaunch("run", "--script", str(script), "--nodes", "2", "--procs-per-node", "2",
-                     "--set", f"logging.run_root={root}", "--", "--epochs", "3", "a b")
+                     "--set", f"logging.run_root={root}", "--", "--epochs", "3", "a b",
+                     env={"OMP_NUM_THREADS": "3"})
     assert result.returncode == 0, result.stderr[-4000:]
     seen = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(4)]
     for rank, env in enumerate(seen):
+        assert env["OMP_NUM_THREADS"] == "3"  # the user's, as torchrun leaves it (not 2 cores / 4 ranks)
         assert int(env["RANK"]) == rank
         assert int(env["WORLD_SIZE"]) == 4
         assert int(env["RANK"]) == int(env["NODE_RANK"]) * 2 + int(env["LOCAL_RANK"])

@@ -85,8 +85,12 @@ def recipe_plan(recipe: Recipe):
 def test_the_range_test_runs_in_one_process_with_the_recipes_global_batch():
     plan = recipe_plan(quickstart(train={"grad_accum": 3}))
     assert (plan.topology.world_size, plan.training.batch.global_) == (2, 192)
-    test = one_process_plan(plan, SourceMap(), SweepSettings(1e-6, 1.0, 40), CPU)
+    test = one_process_plan(plan, SourceMap(), SweepSettings(1e-6, 1.0, 40), CPU, {})
     assert test.topology.world_size == 1 and test.topology.backend == "local"
+    # The host's 8 cores for its one process, unless the user's shell says otherwise.
+    assert test.env["OMP_NUM_THREADS"] == "8"
+    assert one_process_plan(plan, SourceMap(), SweepSettings(1e-6, 1.0, 40), CPU,
+                            {"OMP_NUM_THREADS": "3"}).env["OMP_NUM_THREADS"] == "3"
     assert (test.training.batch.micro, test.training.batch.grad_accum, test.training.batch.global_) == (32, 6, 192)
     assert test.training.steps.total == 40
     # A constant LR at the sweep's start, unscaled: the sweep moves it step by step.

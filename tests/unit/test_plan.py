@@ -257,6 +257,18 @@ def test_cpu_ranks_share_the_cores_of_their_node_and_local_nodes_share_this_host
     assert threads(recipe(), "slurm", 4, 2) is None  # the node's own (torchrun's, for several ranks)
 
 
+def test_thread_and_allocator_settings_of_the_users_environment_win_and_are_recorded():
+    # As torchrun leaves an OMP_NUM_THREADS it finds alone; recorded in the plan, so that
+    # Slurm and Ray ranks get it and a resume from another shell runs the same.
+    user_env = {"OMP_NUM_THREADS": "3", "MALLOC_TRIM_THRESHOLD_": "0", "HOME": "/home/me"}
+    for backend in ("local", "slurm", "ray"):
+        env = build_plan(recipe(), host=CPU, data=DIGITS, run_dir="runs/x", backend=backend, nodes=2,
+                         procs_per_node=2, user_env=user_env).env
+        assert (env["OMP_NUM_THREADS"], env["MALLOC_TRIM_THRESHOLD_"]) == ("3", "0"), backend
+        assert env["MALLOC_MMAP_THRESHOLD_"] == str(1 << 30) and "HOME" not in env
+    assert plan(recipe()).env["OMP_NUM_THREADS"] == "8"  # without: this 8-core host's cores
+
+
 def test_cpu_ranks_keep_freed_memory_in_the_heap_and_gpu_ranks_are_left_alone():
     cpu = plan(recipe()).env
     assert cpu["MALLOC_MMAP_THRESHOLD_"] == cpu["MALLOC_TRIM_THRESHOLD_"] == str(1 << 30)
