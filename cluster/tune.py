@@ -66,7 +66,8 @@ def plan_trial(sweep_dir: Path, settings: dict[str, Any], overrides: list[str], 
     data = describe(recipe.data)
     return build_plan(recipe, host=detect_host(), data=data, run_dir=str(run_dir), backend="ray",
                       nodes=settings["nodes"], procs_per_node=settings["procs_per_node"],
-                      model=model_facts(recipe, data))
+                      model=model_facts(recipe, data),
+                      user_env=settings.get("user_env", {}))  # absent from older sweep.json files
 
 
 def _read_record(run_dir: Path) -> dict[str, Any] | None:

@@ -661,6 +661,7 @@ def _create_sweep_dir(sweep_dir: Path, recipe, plans: list) -> None:
     """recipe.yaml and sweep.json, all or nothing (like a run dir)."""
     import shutil
 
+    from launcher.plan import user_env
     from launcher.rundir import RECIPE, write_durably
     from launcher.yamlio import dump_yaml
 
@@ -671,7 +672,7 @@ def _create_sweep_dir(sweep_dir: Path, recipe, plans: list) -> None:
         write_durably(staging / RECIPE, dump_yaml(recipe.model_dump(mode="json")))
         write_durably(staging / "sweep.json", json.dumps(
             {"nodes": topology.nodes, "procs_per_node": topology.procs_per_node, "cwd": os.getcwd(),
-             "command": sys.argv}, indent=2) + "\n")
+             "command": sys.argv, "user_env": user_env(os.environ)}, indent=2) + "\n")
         os.rename(staging, sweep_dir)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)

@@ -385,12 +385,15 @@ def _memory(recipe: Recipe, data: DataFacts, topo: Topology, engine: EnginePlan,
 TUNABLE_ENV = ("OMP_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
-def _env(recipe: Recipe, topo: Topology, host: HostFacts, user_env: Mapping[str, str]) -> dict[str, str]:
-    env = _planned_env(recipe, topo, host)
-    # Recorded in the plan, not left to inheritance: Slurm and Ray ranks get it too, and
-    # `--resume` from a shell without it runs as the run started.
-    env.update({name: user_env[name] for name in TUNABLE_ENV if name in user_env})
-    return env
+def user_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The settings of TUNABLE_ENV that ``environ`` has."""
+    return {name: environ[name] for name in TUNABLE_ENV if name in environ}
+
+
+def _env(recipe: Recipe, topo: Topology, host: HostFacts, environ: Mapping[str, str]) -> dict[str, str]:
+    # The user's recorded in the plan, not left to inheritance: Slurm and Ray ranks get
+    # them too, and `--resume` from a shell without them runs as the run started.
+    return {**_planned_env(recipe, topo, host), **user_env(environ)}
 
 
 def _planned_env(recipe: Recipe, topo: Topology, host: HostFacts) -> dict[str, str]:
