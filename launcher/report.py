@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.errors import UsageError
-from launcher.monitor import read_records
+from launcher.monitor import read_records, read_resumed_records
 from launcher.rundir import METRICS, PLAN
 
 if TYPE_CHECKING:
@@ -70,15 +70,18 @@ def load_run(run_dir: Path) -> Run:
     plan = run_dir / PLAN
     recipe = (json.loads(plan.read_text()).get("recipe") or {}) if plan.is_file() else {}
 
-    def records(kind: str) -> list[dict[str, Any]]:
+    def records(kind: str, read: Callable[[Path, str], list[dict[str, Any]]] = read_records) -> list[dict[str, Any]]:
         try:
-            return read_records(run_dir, kind)
+            return read(run_dir, kind)
         except json.JSONDecodeError as exc:
             raise UsageError(f"{run_dir / METRICS} line {exc.lineno}: not JSON ({exc.msg})",
                              key="RUN_DIR") from None
 
     summaries, early_stops = records("summary"), records("early_stop")
-    return Run(path=run_dir, recipe=recipe, train=records("train"), eval=records("eval"),
+    # The steps a resume trained again are plotted (and their evaluations ranked) once,
+    # as they stand: what was recorded past the checkpoint before the restart is gone.
+    return Run(path=run_dir, recipe=recipe, train=records("train", read_resumed_records),
+               eval=records("eval", read_resumed_records),
                resumes=[r["step"] for r in records("resume")],
                early_stop=early_stops[-1]["step"] if early_stops else None,
                preemptions=len(records("preempted")),

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from launcher.errors import UsageError
-from launcher.report import ema, format_table, legend_labels, summary_table, write_report
+from launcher.report import ema, format_table, legend_labels, load_run, summary_table, write_report
 
 PLOTS = ("loss.png", "eval.png", "lr.png", "grad_norm.png", "throughput.png")
 
@@ -130,6 +130,22 @@ def test_summary_table_of_a_preempted_run_comes_from_its_last_records(tmp_path):
     assert (row["steps"], row["monitor"], row["best"], row["best_step"]) == (20, "val_acc", 0.7, 10)
     assert (row["val_loss"], row["val_acc"], row["seconds"], row["end"]) == (0.9, 0.6, None, "preempted")
     assert row["samples_per_s"] == pytest.approx(1000.0 + (10 % 7 + 20 % 7) / 2)
+
+
+def test_steps_a_resume_trained_again_count_once_as_they_stand(tmp_path):
+    # Killed after step 12's records, resumed from the checkpoint at step 8: steps 9-12
+    # and the evaluation at 10 were made again, and only the second ones are the run's.
+    plan = {"name": "quick", "recipe": {"train": {"monitor": "val_loss", "monitor_mode": "auto"}}}
+    records = [train(s, 1e-3, 1.0) for s in range(1, 13)]
+    records += [{"kind": "eval", "step": 10, "val_loss": 0.4, "val_acc": 0.9},
+                {"kind": "resume", "step": 8, "checkpoint": "step-00000008"}]
+    records += [train(s, 1e-3, 2.0) for s in range(9, 17)]
+    records += [{"kind": "eval", "step": 10, "val_loss": 0.8, "val_acc": 0.7}]
+    run = load_run(write_run(tmp_path, "again", records, plan))
+    assert [r["step"] for r in run.train] == list(range(1, 17))
+    assert [r["grad_norm"] for r in run.train if r["step"] > 8] == [2.0] * 8
+    [row] = summary_table([tmp_path / "again"])
+    assert (row["best"], row["best_step"], row["val_loss"]) == (0.8, 10, 0.8)
 
 
 def test_format_table_aligns_text_left_and_numbers_right(tmp_path):
