@@ -20,7 +20,7 @@ from launcher.errors import UsageError
 from launcher.memory import MemoryEstimate, estimate, format_memory
 from launcher.models.counts import builtin_params
 from launcher.models.facts import ModelFacts, uses_transfer
-from launcher.recipe import DataConfig, Recipe
+from launcher.recipe import DataConfig, EngineConfig, Recipe
 from launcher.schedules import ScheduleShape, cycle_count, cycle_ends
 
 MAX_SNAPSHOTS = 1000
@@ -252,6 +252,46 @@ def schedule_shape(recipe: Recipe, total_steps: int, warmup_steps: int) -> Sched
                          restart_mult=schedule.restart_mult)
 
 
+# DeepSpeed config entries dlaunch writes from typed recipe keys, which the planner
+# checks and plans with (batch sizes, ZeRO stage, precision, the memory estimate): set in
+# engine.deepspeed_config, DeepSpeed would run something other than the plan says.
+_DEEPSPEED_OWNED = {
+    ("train_batch_size",): "train.global_batch_size",
+    ("train_micro_batch_size_per_gpu",): "train.micro_batch_size",
+    ("gradient_accumulation_steps",): "train.grad_accum",
+    ("gradient_clipping",): "train.clip_grad_norm",
+    ("bf16", "enabled"): "precision.dtype",
+    ("fp16", "enabled"): "precision.dtype",
+    ("fp16", "loss_scale"): "precision.loss_scale",
+    ("fp16", "initial_scale_power"): "precision.initial_scale_power",
+    ("fp16", "loss_scale_window"): "precision.loss_scale_window",
+    ("zero_optimization", "stage"): "engine.zero_stage",
+    ("optimizer", "params", "lr"): "optim.lr",
+    ("optimizer", "params", "betas"): "optim.betas",
+    ("optimizer", "params", "eps"): "optim.eps",
+    ("optimizer", "params", "weight_decay"): "optim.weight_decay",
+}
+_ABSENT = object()
+
+
+def _check_deepspeed_overrides(engine: EngineConfig) -> None:
+    """Refuse the deepspeed_config entries the plan derives from typed keys."""
+    for path, typed in _DEEPSPEED_OWNED.items():
+        node: Any = engine.deepspeed_config
+        for part in path:
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is not _ABSENT:
+            raise UsageError(f"dlaunch sets this from {typed}; set {typed} instead",
+                             key=".".join(("engine", "deepspeed_config", *path)))
+    # Offload is planned from the typed switches (the stage it needs, the optimizer it
+    # runs, the memory it saves); the config may refine it (an NVMe device, buffer sizes).
+    zero = engine.deepspeed_config.get("zero_optimization", {})
+    for section, typed in (("offload_optimizer", "offload_optimizer"), ("offload_param", "offload_params")):
+        if isinstance(zero, dict) and section in zero and not getattr(engine, typed):
+            raise UsageError(f"set engine.{typed}: true to offload; this section can then refine it",
+                             key=f"engine.deepspeed_config.zero_optimization.{section}")
+
+
 def _engine(recipe: Recipe, topo: Topology, batch: BatchPlan, lr: float) -> EnginePlan:
     engine, precision = recipe.engine, recipe.precision.dtype
     if engine.name == "deepspeed":
@@ -275,6 +315,7 @@ def _engine(recipe: Recipe, topo: Topology, batch: BatchPlan, lr: float) -> Engi
                              key="engine.offload_optimizer")
         if engine.offload_params and stage != 3:
             raise UsageError("parameter offload needs ZeRO stage 3", key="engine.offload_params")
+        _check_deepspeed_overrides(engine)
         config = deepspeed_config(recipe, micro_batch=batch.micro, grad_accum=batch.grad_accum,
                                   global_batch=batch.global_, lr=lr, zero_stage=stage,
                                   device=topo.device)

@@ -277,7 +277,9 @@ class EngineConfig(Section):
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """accelerate: data parallel (ddp) or fully sharded (fsdp)."""
     deepspeed_config: dict[str, Any] = Field(default_factory=dict)
-    """Extra DeepSpeed config entries, merged over the generated config."""
+    """Extra DeepSpeed config entries, merged over the generated config. Not those
+    dlaunch writes from typed keys (batch sizes, clipping, precision, the ZeRO stage, the
+    optimizer's values); an offload section refines the offload switch it needs on."""
 
 
 class EarlyStoppingConfig(Section):

@@ -162,6 +162,29 @@ def test_user_deepspeed_entries_are_merged_over_the_generated_config():
     assert zero == {"stage": 2, "overlap_comm": True}
 
 
+@pytest.mark.parametrize("entries,key,typed", [
+    ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage", "engine.zero_stage"),
+    ({"bf16": {"enabled": True}}, "bf16.enabled", "precision.dtype"),
+    ({"train_micro_batch_size_per_gpu": 4}, "train_micro_batch_size_per_gpu", "train.micro_batch_size"),
+    ({"optimizer": {"params": {"weight_decay": 0.1}}}, "optimizer.params.weight_decay", "optim.weight_decay"),
+])
+def test_deepspeed_entries_the_plan_derives_from_typed_keys_are_refused(entries, key, typed):
+    # The planner checks and estimates with the typed keys: DeepSpeed must run what it planned.
+    err = refusal(recipe(engine={"deepspeed_config": entries}))
+    assert (err.key, err.message) == (f"engine.deepspeed_config.{key}",
+                                      f"dlaunch sets this from {typed}; set {typed} instead")
+
+
+def test_offload_is_switched_on_by_its_typed_key_and_refined_in_deepspeed_config():
+    nvme = {"zero_optimization": {"offload_optimizer": {"device": "nvme", "nvme_path": "/local"}}}
+    err = refusal(recipe(engine={"deepspeed_config": nvme}))
+    assert err.key == "engine.deepspeed_config.zero_optimization.offload_optimizer"
+    p = plan(recipe(engine={"zero_stage": 2, "offload_optimizer": True, "deepspeed_config": nvme}))
+    assert p.training.engine.deepspeed["zero_optimization"]["offload_optimizer"] == {
+        "device": "nvme", "nvme_path": "/local", "pin_memory": False}
+    assert p.training.memory.bytes_on("host") > 0  # the estimate has the optimizer states off the device
+
+
 @pytest.mark.parametrize("stage,dtype,host", [(stage, dtype, host) for stage in (0, 1, 2, 3)
                                               for dtype, host in (("bf16", CPU), ("fp32", CPU), ("fp16", GPU))
                                               if (stage, dtype) != (0, "fp16")])
