@@ -13,6 +13,26 @@ from launcher.recipe import Recipe
 _NEVER = 2**31 - 1
 
 
+# The entries deepspeed_config writes from typed recipe keys (the key each comes from),
+# which engine.deepspeed_config may not set (launcher/plan.py).
+TYPED_DEEPSPEED_ENTRIES: dict[tuple[str, ...], str] = {
+    ("train_batch_size",): "train.global_batch_size",
+    ("train_micro_batch_size_per_gpu",): "train.micro_batch_size",
+    ("gradient_accumulation_steps",): "train.grad_accum",
+    ("gradient_clipping",): "train.clip_grad_norm",
+    ("bf16", "enabled"): "precision.dtype",
+    ("fp16", "enabled"): "precision.dtype",
+    ("fp16", "loss_scale"): "precision.loss_scale",
+    ("fp16", "initial_scale_power"): "precision.initial_scale_power",
+    ("fp16", "loss_scale_window"): "precision.loss_scale_window",
+    ("zero_optimization", "stage"): "engine.zero_stage",
+    ("optimizer", "params", "lr"): "optim.lr",
+    ("optimizer", "params", "betas"): "optim.betas",
+    ("optimizer", "params", "eps"): "optim.eps",
+    ("optimizer", "params", "weight_decay"): "optim.weight_decay",
+}
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from launcher.data.facts import DataFacts
-from launcher.engine_config import accelerate_kwargs, deepspeed_config
+from launcher.engine_config import TYPED_DEEPSPEED_ENTRIES, accelerate_kwargs, deepspeed_config
 from launcher.errors import UsageError
 from launcher.memory import MemoryEstimate, estimate, format_memory
 from launcher.models.counts import builtin_params
@@ -252,31 +252,13 @@ def schedule_shape(recipe: Recipe, total_steps: int, warmup_steps: int) -> Sched
                          restart_mult=schedule.restart_mult)
 
 
-# DeepSpeed config entries dlaunch writes from typed recipe keys, which the planner
-# checks and plans with (batch sizes, ZeRO stage, precision, the memory estimate): set in
-# engine.deepspeed_config, DeepSpeed would run something other than the plan says.
-_DEEPSPEED_OWNED = {
-    ("train_batch_size",): "train.global_batch_size",
-    ("train_micro_batch_size_per_gpu",): "train.micro_batch_size",
-    ("gradient_accumulation_steps",): "train.grad_accum",
-    ("gradient_clipping",): "train.clip_grad_norm",
-    ("bf16", "enabled"): "precision.dtype",
-    ("fp16", "enabled"): "precision.dtype",
-    ("fp16", "loss_scale"): "precision.loss_scale",
-    ("fp16", "initial_scale_power"): "precision.initial_scale_power",
-    ("fp16", "loss_scale_window"): "precision.loss_scale_window",
-    ("zero_optimization", "stage"): "engine.zero_stage",
-    ("optimizer", "params", "lr"): "optim.lr",
-    ("optimizer", "params", "betas"): "optim.betas",
-    ("optimizer", "params", "eps"): "optim.eps",
-    ("optimizer", "params", "weight_decay"): "optim.weight_decay",
-}
 _ABSENT = object()
 
 
 def _check_deepspeed_overrides(engine: EngineConfig) -> None:
-    """Refuse the deepspeed_config entries the plan derives from typed keys."""
-    for path, typed in _DEEPSPEED_OWNED.items():
+    """Refuse the deepspeed_config entries the plan derives from typed keys: DeepSpeed
+    would run something other than what the plan checked, printed and estimated."""
+    for path, typed in TYPED_DEEPSPEED_ENTRIES.items():
         node: Any = engine.deepspeed_config
         for part in path:
             node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
