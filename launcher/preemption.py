@@ -21,6 +21,9 @@ SIGNAL_VAR = "DLAUNCH_PREEMPT_SIGNAL"
 REQUEUE_VAR = "DLAUNCH_REQUEUE"
 
 requested = False
+# SIGTERM among the requests: Slurm is ending the job (a requeue, a time limit), and every
+# process of it, the node agents included, got the signal.
+ending = False
 
 
 class Preempted(Exception):
@@ -28,8 +31,9 @@ class Preempted(Exception):
 
 
 def _request(signum: int, frame: FrameType | None) -> None:
-    global requested
+    global requested, ending
     requested = True
+    ending = ending or signum == signal.SIGTERM
 
 
 def install() -> str | None:

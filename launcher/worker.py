@@ -175,6 +175,10 @@ def main(run_dir: Path, *, forked: bool = False) -> int:
     except preemption.Preempted as exc:
         write_status(run_dir, rank, f"preempted: {exc}")
         code = 0 if rank != 0 or preemption.requeue() else 1
+        if forked and preemption.ending:
+            # The agent, SIGTERMed with this rank, is shutting down: it waits for its
+            # ranks to exit (SIGKILL in 30 s), not for their results.
+            _exit_without_teardown(128 + signal.SIGTERM)
     except BaseException as exc:
         exc_info = (type(exc), exc, _user_traceback(exc))
         log.error("rank %d failed", rank, exc_info=exc_info)  # into the rank's log
@@ -185,9 +189,29 @@ def main(run_dir: Path, *, forked: bool = False) -> int:
     else:
         write_status(run_dir, rank, "done")
         code = 0
+    _exit_on_stop_signals(code)
     if plan is not None and plan.script is None and not forked:
         _exit_without_teardown(code)
     return code
+
+
+def _exit_on_stop_signals(code: int) -> None:
+    """From here on, a stop signal ends the rank with ``code``, its status left as final.
+
+    A forked rank outlives this function: it waits for its agent to collect its result,
+    and an agent stopped meanwhile SIGTERMs it. Under Slurm that is the rule, not a race:
+    rank 0's `scontrol requeue` after a preemption checkpoint has Slurm SIGTERM every
+    process of the job. The preemption handler would only have set its flag, leaving the
+    rank (and its agent, waiting for it) alive until Slurm's SIGKILL, KillWait seconds
+    (30 by default) later, which delayed every requeue by as much."""
+    def exit_now(signum: int, frame: FrameType | None) -> None:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, exit_now)
 
 
 def _exit_without_teardown(code: int) -> NoReturn:

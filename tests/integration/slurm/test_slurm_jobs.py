@@ -205,6 +205,10 @@ def test_preempted_twice_requeues_resumes_and_ends_with_the_unpreempted_weights(
     assert int(slurm_cluster.job(job_id)["Restarts"]) == 2
     assert len(metrics(run_dir, "resume")) == 2
     assert metrics(run_dir, "summary")[-1]["steps"] == 450
+    # Every process of a preempted attempt ended on Slurm's SIGTERM: none waited for the
+    # SIGKILL KillWait seconds later, which delayed each requeue by as much.
+    job_output = (run_dir / "logs" / f"slurm-{job_id}.out").read_text()
+    assert "Exited with exit code" in job_output and not re.search(r"task \d+: Killed", job_output)
 
     plain = tmp_path / "plain.yaml"
     plain.write_text(PREEMPTIBLE.format(root=tmp_path / "local"))
