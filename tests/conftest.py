@@ -144,6 +144,36 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+# DeepSpeed builds its CPU Adam (the optimizer of ZeRO's offload) with a C++ compiler the
+# first time a process on the machine loads it: 100 s of CPU, 60 s of an otherwise idle
+# 2-core machine, which the offload test paid inside its run. The other tests leave a
+# third of the cores idle (waiting on start-up, rendezvous, Slurm and Ray), so a build
+# started with the session at the lowest priority is done, on cores nobody wanted, by the
+# time the test runs. A rank that loads it mid-build waits for it (torch holds a lock on
+# the build directory), as it would for another rank's build.
+BUILD_CPU_ADAM = "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()"
+_cpu_adam_build: subprocess.Popen | None = None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the CPU Adam build when a collected test is marked `cpu_adam` (in one
+    process of the session: xdist's first worker, or pytest itself without xdist)."""
+    global _cpu_adam_build
+    if session.config.option.collectonly or os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0":
+        return
+    if any(item.get_closest_marker("cpu_adam") for item in session.items):
+        _cpu_adam_build = subprocess.Popen(["nice", "-n", "19", sys.executable, "-c", BUILD_CPU_ADAM],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                           start_new_session=True)
+
+
+def pytest_sessionfinish() -> None:
+    # Never left running: a build killed midway leaves torch's lock behind, and every
+    # later load of the op on this machine waits on it forever.
+    if _cpu_adam_build is not None:
+        _cpu_adam_build.wait()
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`-n 2 --dist loadgroup`, the default addopts), every test that

@@ -23,6 +23,7 @@ def run_recipe(tmp_path, body: str, *args: str):
     return only_run_dir(root)
 
 
+@pytest.mark.cpu_adam
 def test_zero3_with_optimizer_and_parameter_offload(tmp_path):
     run_dir = run_recipe(tmp_path, """
 model: {name: mlp, kwargs: {hidden: [64]}}
