@@ -175,10 +175,6 @@ def main(run_dir: Path, *, forked: bool = False) -> int:
     except preemption.Preempted as exc:
         write_status(run_dir, rank, f"preempted: {exc}")
         code = 0 if rank != 0 or preemption.requeue() else 1
-        if forked and preemption.ending:
-            # The agent, SIGTERMed with this rank, is shutting down: it waits for its
-            # ranks to exit (SIGKILL in 30 s), not for their results.
-            _exit_without_teardown(128 + signal.SIGTERM)
     except BaseException as exc:
         exc_info = (type(exc), exc, _user_traceback(exc))
         log.error("rank %d failed", rank, exc_info=exc_info)  # into the rank's log
@@ -190,6 +186,11 @@ def main(run_dir: Path, *, forked: bool = False) -> int:
         write_status(run_dir, rank, "done")
         code = 0
     _exit_on_stop_signals(code)
+    if forked and preemption.ending:
+        # A SIGTERM the preemption handler took during the run (it checkpointed) reached
+        # the agent too, which is shutting down: it waits for its ranks to exit (SIGKILL
+        # after 30 s), not for their results.
+        _exit_without_teardown(128 + signal.SIGTERM)
     if plan is not None and plan.script is None and not forked:
         _exit_without_teardown(code)
     return code
