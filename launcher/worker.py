@@ -205,14 +205,8 @@ def _exit_on_stop_signals(code: int) -> None:
     process of the job. The preemption handler would only have set its flag, leaving the
     rank (and its agent, waiting for it) alive until Slurm's SIGKILL, KillWait seconds
     (30 by default) later, which delayed every requeue by as much."""
-    def exit_now(signum: int, frame: FrameType | None) -> None:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
     for sig in STOP_SIGNALS:
-        signal.signal(sig, exit_now)
+        signal.signal(sig, lambda signum, frame: _exit_without_teardown(code))
 
 
 def _exit_without_teardown(code: int) -> NoReturn:
