@@ -203,12 +203,17 @@ def test_preempted_twice_requeues_resumes_and_ends_with_the_unpreempted_weights(
         preempted_at = records(run_dir, "preempted")[-1]["step"]
     assert wait_for(slurm_cluster, job_id, timeout=600) == "COMPLETED"
     assert int(slurm_cluster.job(job_id)["Restarts"]) == 2
-    assert len(metrics(run_dir, "resume")) == 2
+    # Each requeued attempt went on from the checkpoint its preemption wrote.
+    assert ([r["checkpoint"] for r in metrics(run_dir, "resume")]
+            == [f"step-{r['step']:08d}" for r in metrics(run_dir, "preempted")])
     assert metrics(run_dir, "summary")[-1]["steps"] == 450
-    # Every process of a preempted attempt ended on Slurm's SIGTERM: none waited for the
-    # SIGKILL KillWait seconds later, which delayed each requeue by as much.
+    # The processes of a preempted attempt end on Slurm's SIGTERM rather than wait for its
+    # SIGKILL KillWait seconds later, which delayed each requeue by as much and left every
+    # task "Killed". One task may still end "Killed" (seen once in CI): srun SIGKILLs a
+    # step's tasks once one has exited non-zero (--kill-on-bad-exit). So what each
+    # attempt must show is a task that exited on its own.
     job_output = (run_dir / "logs" / f"slurm-{job_id}.out").read_text()
-    assert "Exited with exit code" in job_output and not re.search(r"task \d+: Killed", job_output)
+    assert len(re.findall(r"task \d+: Exited with exit code", job_output)) >= 2
 
     plain = tmp_path / "plain.yaml"
     plain.write_text(PREEMPTIBLE.format(root=tmp_path / "local"))
