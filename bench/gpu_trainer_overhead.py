@@ -7,22 +7,24 @@ GPT in bf16, one after the other in this script:
   at ZeRO 0, 1 and 2: what DeepSpeed's bf16 path costs by itself;
 - `dlaunch run` on the same engines and on Accelerate's DDP;
 - with --profile DIR, steps 21-23 of the hand-written DeepSpeed loop and of `dlaunch run`
-  at ZeRO-2 under torch.profiler (a run each, apart from the timed ones): DIR/loop and
+  at ZeRO-2 (or --stage) under torch.profiler (a run each, apart from the timed ones): DIR/loop and
   DIR/dlaunch get each one's operator table and Chrome trace.
 
     python bench/gpu_trainer_overhead.py [--profile DIR]
-    python bench/gpu_trainer_overhead.py --split ROUNDS
+    python bench/gpu_trainer_overhead.py --split ROUNDS [--stage STAGE]
 
 Prints tokens/s (the median past the warm-up steps) and MFU, and writes
 bench/results/gpu_trainer_overhead.json. Needs a CUDA GPU.
 
---split runs only ZeRO-2, ROUNDS times over, in variants that take dlaunch's run apart:
+--split runs only one ZeRO stage (--stage, 2 unless told), ROUNDS times over, in
+variants that take dlaunch's run apart:
 the loop as it is, with dlaunch's two parameter groups, under torchrun with the
 rendezvous flags dlaunch's agents get (c10d on 127.0.0.1 rather than --standalone), and
 launched by `dlaunch run --script` (dlaunch's process tree, worker and environment around
 the same loop); `dlaunch run` as it is and with one parameter group (weight_decay 0).
 Each row also reads the rank's host threads from /proc while it trains
-(bench/rank_sampler.py). Writes bench/results/gpu_trainer_split.json.
+(bench/rank_sampler.py). Writes bench/results/gpu_trainer_split.json (ZeRO-2) or
+gpu_trainer_split_zeroN.json.
 """
 
 from __future__ import annotations
@@ -52,7 +54,6 @@ RESULTS = bench.REPO / "bench" / "results" / "gpu_trainer_overhead.json"
 ARGS = argparse.Namespace(layers=24, heads=16, embd=1024, seq=1024, batch=16, steps=40, warmup=10, log_every=10)
 STAGES = (2, 1, 0)  # the quickstart's stage first
 PROFILED = "21:3"  # steps 21-23: past the warm-up, inside a 30-step run
-SPLIT = bench.REPO / "bench" / "results" / "gpu_trainer_split.json"
 SPLIT_STEPS = 60
 LOOP = launchers.LOOPS / "deepspeed_loop.py"
 SHAPE = {"micro_batch": ARGS.batch, "seq_len": ARGS.seq + 1, "vocab": bench.VOCAB, "layers": ARGS.layers,
@@ -75,25 +76,34 @@ def dlaunch_rate(engine: str) -> tuple[float, float]:
     return (statistics.median(r["tokens_per_s"] for r in records), statistics.median(r["mfu"] for r in records))
 
 
-def profile_both(out: Path) -> None:
-    """The operator tables and traces of the ZeRO-2 loop and `dlaunch run`, steps 21-23."""
-    loop_rate(2, 30, profile=f"{PROFILED}:{out / 'loop'}")
+def profile_both(out: Path, stage: int) -> None:
+    """The operator tables and traces of the loop and `dlaunch run` at ZeRO ``stage``,
+    steps 21-23."""
+    loop_rate(stage, 30, profile=f"{PROFILED}:{out / 'loop'}")
     start, steps = PROFILED.split(":")
     args = argparse.Namespace(**{**vars(ARGS), "steps": 30})
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = bench.dlaunch_run(args, Path(tmp), profile=f"{{start_step: {start}, steps: {steps}}}")
+        run_dir = bench.dlaunch_run(args, Path(tmp), f"{{name: deepspeed, zero_stage: {stage}}}",
+                                    profile=f"{{start_step: {start}, steps: {steps}}}")
         shutil.copytree(run_dir / "profile", out / "dlaunch")
 
 
-def split_variants(root: Path) -> dict[str, tuple[list[str], Path]]:
-    """--split's launches in ``root``: each one's command and the file of its logged steps."""
+def split_results(stage: int) -> Path:
+    """Where --split writes its rows for ZeRO ``stage``."""
+    return bench.REPO / "bench" / "results" / ("gpu_trainer_split.json" if stage == 2
+                                               else f"gpu_trainer_split_zero{stage}.json")
+
+
+def split_variants(root: Path, stage: int) -> dict[str, tuple[list[str], Path]]:
+    """--split's launches in ``root`` at ZeRO ``stage``: each one's command and the file
+    of its logged steps."""
     args = argparse.Namespace(**{**vars(ARGS), "steps": SPLIT_STEPS})
-    recipe = str(bench.write_recipe(args, root, "{name: deepspeed, zero_stage: 2}"))
+    recipe = str(bench.write_recipe(args, root, f"{{name: deepspeed, zero_stage: {stage}}}"))
     dlaunch = [sys.executable, "-m", "launcher", "run", recipe]
 
     def loop(name: str, *extra: str, launch: str = "torchrun") -> tuple[list[str], Path]:
         out = root / f"{name}.jsonl"
-        loop_args = [*launchers._loop_args(out, SPLIT_STEPS, ARGS.log_every, 2, SHAPE), *extra]
+        loop_args = [*launchers._loop_args(out, SPLIT_STEPS, ARGS.log_every, stage, SHAPE), *extra]
         if launch == "dlaunch":
             return [*dlaunch, "--script", str(LOOP), "--", *loop_args], out
         if launch == "agent flags":  # cluster/local.py's _agent_command, with the loop for launcher.worker
@@ -108,11 +118,11 @@ def split_variants(root: Path) -> dict[str, tuple[list[str], Path]]:
         command = [*dlaunch, "--set", f"logging.run_root={runs}", *(a for s in sets for a in ("--set", s))]
         return command, runs
     return {
-        "hand-written DeepSpeed ZeRO-2": loop("loop"),
+        f"hand-written DeepSpeed ZeRO-{stage}": loop("loop"),
         "  the same, dlaunch's two parameter groups": loop("groups", "--decay-groups"),
         "  the same, torchrun with dlaunch's agent flags": loop("agent", launch="agent flags"),
         "  the same, under `dlaunch run --script`": loop("script", launch="dlaunch"),
-        "dlaunch, DeepSpeed ZeRO-2": trainer("dlaunch"),
+        f"dlaunch, DeepSpeed ZeRO-{stage}": trainer("dlaunch"),
         "  the same, one parameter group (weight_decay 0)": trainer("one-group", "optim.weight_decay=0"),
     }
 
@@ -133,12 +143,14 @@ def print_split_row(round_: int, name: str, row: dict) -> None:
           f"{host.get('main_switches_per_step')}; busy threads {host.get('threads_busy')}", flush=True)
 
 
-def split(rounds: int) -> int:
-    """--split: the ZeRO-2 variants, one after the other, ``rounds`` times."""
+def split(rounds: int, stage: int) -> int:
+    """--split: the variants at ZeRO ``stage``, one after the other, ``rounds`` times."""
     rows: dict[str, list[dict]] = {}
     for round_ in range(rounds):
         with tempfile.TemporaryDirectory() as tmp:
-            for name, (command, steps) in split_variants(Path(tmp)).items():
+            variants = list(split_variants(Path(tmp), stage).items())
+            # Every other round in reverse: no row always runs first, or just after the loop.
+            for name, (command, steps) in variants[::-1] if round_ % 2 else variants:
                 process = subprocess.Popen(command, cwd=bench.REPO)
                 with RankSampler(process.pid) as sampler:
                     code = process.wait()
@@ -153,10 +165,11 @@ def split(rounds: int) -> int:
                        "env_names": sampler.env_names}
                 rows.setdefault(name, []).append(row)
                 print_split_row(round_, name, row)
-                SPLIT.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                             "steps": SPLIT_STEPS, "warmup": ARGS.warmup, "cpus": os.cpu_count(),
-                                             "rows": rows}, indent=2) + "\n")
-    baseline = [r["tokens_per_s"] for r in rows["hand-written DeepSpeed ZeRO-2"]]
+                split_results(stage).write_text(json.dumps(
+                    {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "zero_stage": stage,
+                     "steps": SPLIT_STEPS, "warmup": ARGS.warmup, "cpus": os.cpu_count(), "rows": rows},
+                    indent=2) + "\n")
+    baseline = [r["tokens_per_s"] for r in rows[f"hand-written DeepSpeed ZeRO-{stage}"]]
     for name, runs in rows.items():
         ratios = [r["tokens_per_s"] / base for r, base in zip(runs, baseline)]
         print(f"{name:50} {statistics.median(r['tokens_per_s'] for r in runs):9.0f} tokens/s, "
@@ -167,14 +180,16 @@ def split(rounds: int) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", type=Path, help="also profile the ZeRO-2 loop and dlaunch into this directory")
-    parser.add_argument("--split", type=int, metavar="ROUNDS", help="only the ZeRO-2 variants, ROUNDS times")
+    parser.add_argument("--split", type=int, metavar="ROUNDS", help="only the variants of one stage, ROUNDS times")
+    parser.add_argument("--stage", type=int, choices=(0, 1, 2), default=2,
+                        help="the ZeRO stage --split runs and --profile profiles (default 2)")
     options = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/gpu_trainer_overhead.py needs a CUDA GPU", file=sys.stderr)
         return 1
     RESULTS.parent.mkdir(exist_ok=True)
     if options.split:
-        return split(options.split)
+        return split(options.split, options.stage)
     device = torch.cuda.get_device_name()
     model = GPT([ARGS.seq], bench.VOCAB, n_layer=ARGS.layers, n_head=ARGS.heads, n_embd=ARGS.embd)
     flops_per_token = training_flops_per_sample(model, torch.zeros(1, ARGS.seq, dtype=torch.long)) / ARGS.seq
@@ -203,7 +218,7 @@ def main() -> int:
         report(f"hand-written DeepSpeed ZeRO-{stage}", loop_rate(stage, ARGS.steps))
         report(f"dlaunch, DeepSpeed ZeRO-{stage}", *dlaunch_rate(f"{{name: deepspeed, zero_stage: {stage}}}"))
     if options.profile is not None:
-        profile_both(options.profile)
+        profile_both(options.profile, options.stage)
     report("dlaunch, Accelerate DDP", *dlaunch_rate("{name: accelerate}"))
     return 0
 
