@@ -18,7 +18,8 @@ bench/results/gpu_trainer_overhead.json. Needs a CUDA GPU.
 
 --split runs only one ZeRO stage (--stage, 2 unless told), ROUNDS times over, in
 variants that take dlaunch's run apart:
-the loop as it is, with dlaunch's two parameter groups, under torchrun with the
+the loop as it is, with dlaunch's two parameter groups, with the reads of the loss and
+gradient norm the trainer makes every step (each waits for the GPU), under torchrun with the
 rendezvous flags dlaunch's agents get (c10d on 127.0.0.1 rather than --standalone), and
 launched by `dlaunch run --script` (dlaunch's process tree, worker and environment around
 the same loop); `dlaunch run` as it is and with one parameter group (weight_decay 0).
@@ -120,6 +121,7 @@ def split_variants(root: Path, stage: int) -> dict[str, tuple[list[str], Path]]:
     return {
         f"hand-written DeepSpeed ZeRO-{stage}": loop("loop"),
         "  the same, dlaunch's two parameter groups": loop("groups", "--decay-groups"),
+        "  the same, the trainer's host reads every step": loop("reads", "--trainer-reads"),
         "  the same, torchrun with dlaunch's agent flags": loop("agent", launch="agent flags"),
         "  the same, under `dlaunch run --script`": loop("script", launch="dlaunch"),
         f"dlaunch, DeepSpeed ZeRO-{stage}": trainer("dlaunch"),

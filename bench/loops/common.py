@@ -36,6 +36,10 @@ def parse_args(description: str) -> argparse.Namespace:
     parser.add_argument("--decay-groups", action="store_true",
                         help="two AdamW groups, as nanoGPT and dlaunch: weight decay on matrices and "
                              "embeddings, none on biases and norm gains (default: one group, all decayed)")
+    parser.add_argument("--trainer-reads", action="store_true",
+                        help="read back every step what dlaunch's trainer reads: the gradient norm, and "
+                             "every rank's loss and a flag all-gathered (Trainer._share_step); default: "
+                             "the loss at logged steps only")
     parser.add_argument("--profile", metavar="START:STEPS:DIR", default=None,
                         help="profile steps START..START+STEPS-1 into DIR, as dlaunch's logging.profile does")
     return parser.parse_args()
@@ -94,6 +98,20 @@ class StepLog:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+
+
+def trainer_reads(engine, loss: torch.Tensor, world: int) -> None:
+    """The host reads a step of dlaunch's trainer makes after DeepSpeed's step, made the
+    same way (launcher/engines/deepspeed.py's train_step, Trainer._share_step): on a GPU
+    each waits for the work queued before it."""
+    norm = engine.get_global_grad_norm()
+    if norm is not None:
+        float(norm)
+    mine = torch.stack([loss.detach().float(), torch.tensor(0.0, device=loss.device)])
+    shared = [torch.zeros_like(mine) for _ in range(world)]
+    torch.distributed.all_gather(shared, mine)
+    for value in shared:
+        float(value[0]), float(value[1])
 
 
 def read_log(path: Path) -> list[dict]:

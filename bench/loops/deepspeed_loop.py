@@ -19,7 +19,14 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).res
 
 import deepspeed  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import StepLog, model_and_batches, optimizer_groups, parse_args, step_profiler  # noqa: E402
+from common import (  # noqa: E402
+    StepLog,
+    model_and_batches,
+    optimizer_groups,
+    parse_args,
+    step_profiler,
+    trainer_reads,
+)
 
 WEIGHT_DECAY = 0.01
 
@@ -50,6 +57,8 @@ def main() -> None:
         loss = F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten())
         engine.backward(loss)
         engine.step()
+        if args.trainer_reads:
+            trainer_reads(engine, loss, world)
         log.step(step, loss)
         profiler.after_step(step)
     log.close()
