@@ -7,8 +7,8 @@ GPT in bf16, one after the other in this script:
   at ZeRO 0, 1 and 2: what DeepSpeed's bf16 path costs by itself;
 - `dlaunch run` on the same engines and on Accelerate's DDP;
 - with --profile DIR, steps 21-23 of the hand-written DeepSpeed loop and of `dlaunch run`
-  at ZeRO-2 (or --stage) under torch.profiler (a run each, apart from the timed ones): DIR/loop and
-  DIR/dlaunch get each one's operator table and Chrome trace.
+  at ZeRO-2 (or --stage) under torch.profiler (a run each, apart from the timed ones):
+  DIR/loop and DIR/dlaunch get each one's operator table and Chrome trace.
 
     python bench/gpu_trainer_overhead.py [--profile DIR]
     python bench/gpu_trainer_overhead.py --split ROUNDS [--stage STAGE]
@@ -17,12 +17,12 @@ Prints tokens/s (the median past the warm-up steps) and MFU, and writes
 bench/results/gpu_trainer_overhead.json. Needs a CUDA GPU.
 
 --split runs only one ZeRO stage (--stage, 2 unless told), ROUNDS times over, in
-variants that take dlaunch's run apart:
-the loop as it is, with dlaunch's two parameter groups, with the reads of the loss and
-gradient norm the trainer makes every step (each waits for the GPU), under torchrun with the
-rendezvous flags dlaunch's agents get (c10d on 127.0.0.1 rather than --standalone), and
-launched by `dlaunch run --script` (dlaunch's process tree, worker and environment around
-the same loop); `dlaunch run` as it is and with one parameter group (weight_decay 0).
+variants that take dlaunch's run apart: the loop as it is, with dlaunch's two parameter
+groups, with the reads of the loss and gradient norm the trainer makes every step (each
+waits for the GPU), under torchrun with the rendezvous flags dlaunch's agents get (c10d on
+127.0.0.1 rather than --standalone), and launched by `dlaunch run --script` (dlaunch's
+process tree, worker and environment around the same loop); `dlaunch run` as it is and
+with one parameter group (weight_decay 0).
 Each row also reads the rank's host threads from /proc while it trains
 (bench/rank_sampler.py). Writes bench/results/gpu_trainer_split.json (ZeRO-2) or
 gpu_trainer_split_zeroN.json.
@@ -181,7 +181,7 @@ def split(rounds: int, stage: int) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", type=Path, help="also profile the ZeRO-2 loop and dlaunch into this directory")
+    parser.add_argument("--profile", type=Path, help="also profile the loop and dlaunch at --stage into this directory")
     parser.add_argument("--split", type=int, metavar="ROUNDS", help="only the variants of one stage, ROUNDS times")
     parser.add_argument("--stage", type=int, choices=(0, 1, 2), default=2,
                         help="the ZeRO stage --split runs and --profile profiles (default 2)")
