@@ -12,6 +12,7 @@ utilisation.
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -84,3 +85,13 @@ class Throughput:
         if self.peak is not None:
             rates["mfu"] = samples_per_s * self.flops_per_sample / self.peak
         return rates
+
+
+def steady_rate(window_rates: list[float]) -> float | None:
+    """The training rate a run reports at its end: the median samples/s of its logged
+    windows past the first, whose time holds the first step's warm-up (kernel selection,
+    the allocator, DeepSpeed's lazy set-up), as the benchmarks read a run. A window after
+    an evaluation or a checkpoint holds that too, and the median leaves them out when they
+    are rarer than the logged steps. One window: its rate; none: None."""
+    steady = window_rates[1:] or window_rates
+    return statistics.median(steady) if steady else None

@@ -37,7 +37,7 @@ from launcher.engines.base import Engine, StepResult, monitor_mode, sample_score
 from launcher.engines.imports import import_engine
 from launcher.engines.module_stats import ActivationRecorder, recording_activations
 from launcher.faults import Faults
-from launcher.flops import Throughput, peak_flops, training_flops_per_sample
+from launcher.flops import Throughput, peak_flops, steady_rate, training_flops_per_sample
 from launcher.models.build import build_model
 from launcher.models.transfer import Transfer, load_initial_weights
 from launcher.monitor import MetricsLog, Progress
@@ -202,6 +202,7 @@ class Trainer:
         total, per_epoch, accum = self.steps.total, self.steps.per_epoch, self.batch.grad_accum
         progress = Progress(total, self.step, self.rank == 0 and self.plan.recipe.logging.progress)
         started, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
+        window_rates: list[float] = []  # samples/s of each logged window, for the summary
         first_step = self.step
         logging_cfg = self.plan.recipe.logging
         while self.step < total and not self.stopped_early:
@@ -236,6 +237,7 @@ class Trainer:
                     self._record("train", {"epoch": epoch, "loss": loss, "lr": lr, **group_lrs,
                                            "grad_norm": result.grad_norm, **modules, **self._model_stats(result, acts),
                                            **self.throughput.rates(samples_per_s)})
+                    window_rates.append(samples_per_s)
                     window_start, window_steps = time.perf_counter(), 0
                 if (self.step % self.steps.eval_every == 0 or self.step == total
                         or self.snapshots.at_cycle_end(self.step)):  # every snapshot with its scores
@@ -263,7 +265,7 @@ class Trainer:
         progress.close()
         self.profiler.close()  # a run stopped early inside the profiled window
         self.progress.mark(self.step, "finish")
-        self._finish(time.perf_counter() - started, self.step - first_step)
+        self._finish(time.perf_counter() - started, self.step - first_step, window_rates)
 
     # -- pieces of a step -------------------------------------------------------------
 
@@ -385,12 +387,16 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.write(kind, self.step, values)
 
-    def _finish(self, seconds: float, steps_run: int) -> None:
+    def _finish(self, seconds: float, steps_run: int, window_rates: list[float]) -> None:
         weights = self.engine.full_state_dict()  # a collective under ZeRO-3
         if self.rank != 0:
             return
         torch.save(weights, self.run_dir / "model.pt")
-        samples_per_s = steps_run * self.batch.global_ / seconds if seconds > 0 else 0.0
+        # The training rate, not steps over wall time: on that the MFU of a short run
+        # would count its warm-up, evaluations and checkpoints as idle devices.
+        samples_per_s = steady_rate(window_rates)
+        if samples_per_s is None:  # no logged step
+            samples_per_s = steps_run * self.batch.global_ / seconds if seconds > 0 else 0.0
         rates = self.throughput.rates(samples_per_s)
         summary = {"steps": self.step, "seconds": round(seconds, 2), **rates, **self.last_eval, "best": self.best, "best_step": self.best_step,
                    "stopped_early": self.stopped_early}
@@ -405,5 +411,5 @@ class Trainer:
         why = "stopped early" if self.stopped_early else "done"
         speed = f"{samples_per_s:.0f} samples/s" + (f", {rates['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in rates
                                                     else "") + (f", MFU {rates['mfu']:.1%}" if "mfu" in rates else "")
-        print(f"dlaunch: {why}: {self.step} steps in {seconds:.1f}s, {speed}"
+        print(f"dlaunch: {why}: {self.step} steps in {seconds:.1f}s, training at {speed}"
               f"{'; ' + scores if scores else ''}{best}; run dir {self.run_dir}", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher.flops import Throughput, peak_flops, training_flops_per_sample
+from launcher.flops import Throughput, peak_flops, steady_rate, training_flops_per_sample
 from launcher.models.gpt import GPT
 
 
@@ -43,3 +43,10 @@ def test_rates_add_tokens_and_mfu_when_known():
     assert Throughput(1e6, None, None).rates(100.0) == {"samples_per_s": 100.0}
     rates = Throughput(2e9, 128, 1e12).rates(50.0)
     assert rates == {"samples_per_s": 50.0, "tokens_per_s": 6400.0, "mfu": pytest.approx(0.1)}
+
+
+def test_the_end_of_run_rate_leaves_out_the_first_window_and_slow_ones():
+    # The first window holds the warm-up; one after an evaluation is slow too.
+    assert steady_rate([12.0, 100.0, 104.0, 40.0, 102.0]) == 101.0
+    assert steady_rate([12.0]) == 12.0
+    assert steady_rate([]) is None
