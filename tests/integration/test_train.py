@@ -143,8 +143,8 @@ logging: {{run_root: {root}, progress: false, report: false, peak_tflops: 2.0}}
     for record in [*windows, summary]:
         assert record["tokens_per_s"] == pytest.approx(record["samples_per_s"] * 15)
         assert 0 < record["mfu"] < 1
-    # At the end, the training rate: the logged windows' past the first, which holds the
-    # warm-up; not the steps over the wall time, which holds the evaluations too.
+    # At the end, the training rate: the median of the logged windows past the first, which
+    # holds the warm-up; not the steps over the wall time, which holds the evaluations too.
     assert summary["samples_per_s"] == pytest.approx(statistics.median(r["samples_per_s"] for r in windows[1:]))
     assert re.search(r"samples/s, \d+ tokens/s, MFU \d+\.\d%", result.stderr)
 
