@@ -8,6 +8,7 @@ that exist only around the step being logged.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
@@ -21,12 +22,20 @@ ACTIVATION_STATS = ("mean", "std", "zero")
 and the share of its elements that are exactly zero (dead ReLUs)."""
 
 
+@torch.no_grad()  # rather than a detach() per tensor: weights require grad
 def sum_of_squares(tensors: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor:
-    total = torch.zeros((), dtype=torch.float32, device=device)
+    """The sum of the tensors' squared elements, in float32 whatever the training dtype,
+    on ``device``. Each tensor is summed where it lives (a CPU-offloaded shard on the
+    CPU), by torch's multi-tensor norm (as clip_grad_norm_ does): a handful of kernels
+    for every tensor of a device and dtype rather than several for each, since a logged
+    step takes the norms of every parameter twice (bench/host_work.py)."""
+    places: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
     for tensor in tensors:
-        # Summed where the tensor lives (a CPU-offloaded shard on the CPU), in float32
-        # whatever the training dtype.
-        total += torch.linalg.vector_norm(tensor.detach(), dtype=torch.float32).square().to(device)
+        places[tensor.device, tensor.dtype].append(tensor)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for group in places.values():
+        norms = torch._foreach_norm(group, 2, dtype=torch.float32)
+        total += torch.stack(norms).square().sum().to(device)
     return total
 
 

@@ -12,6 +12,7 @@ from launcher.engines.module_stats import (
     output_stats,
     partition_weights,
     recording_activations,
+    sum_of_squares,
     weight_norms,
 )
 
@@ -45,6 +46,15 @@ def test_weight_norms_per_top_level_module_and_in_total():
     assert modules["hidden"] == pytest.approx(full_norm(*net.hidden.parameters()), rel=1e-6)
     assert modules["tied"] == pytest.approx(full_norm(net.head.weight, net.tied.bias), rel=1e-6)
     assert total == pytest.approx(full_norm(*net.parameters()), rel=1e-6)  # head.weight once
+
+
+def test_sum_of_squares_takes_mixed_dtypes_and_empty_shards_in_float32():
+    torch.manual_seed(0)
+    tensors = [torch.randn(4, 3, dtype=torch.bfloat16), torch.randn(5), torch.zeros(0),
+               torch.randn(6, dtype=torch.bfloat16) * 300]  # squares past bf16's 8-bit mantissa
+    total = sum_of_squares(iter(tensors), CPU)  # weight_norms hands it a map
+    assert total.dtype == torch.float32 and total.device == CPU
+    assert total.item() == pytest.approx(full_norm(*tensors) ** 2, rel=1e-6)
 
 
 def test_sharded_weight_norms_sum_the_shards_squares_over_ranks():
