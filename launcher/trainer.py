@@ -281,12 +281,16 @@ class Trainer:
     def _share_step(self, loss: torch.Tensor) -> tuple[float, list[int], bool]:
         """One collective a step: every rank's loss and preemption flag. The logged loss
         is the mean (NaN with any rank's); the ranks whose loss is NaN or Inf go to the
-        alerts; a preemption request on any rank is seen by all at this step."""
-        mine = torch.stack([loss.float(), torch.tensor(float(preemption.requested), device=loss.device)])
-        shared = [torch.zeros_like(mine) for _ in range(self.world)]
+        alerts; a preemption request on any rank is seen by all at this step. On a GPU a
+        read waits for the kernels queued before it: the flag is filled in on the device
+        rather than copied there, and the gathered pairs come back in one read."""
+        flag = loss.new_full((), float(preemption.requested), dtype=torch.float32)
+        mine = torch.stack([loss.float(), flag])
+        shared = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(shared, mine)
-        values = [float(v[0]) for v in shared]
-        preempted = any(float(v[1]) > 0 for v in shared)
+        pairs = torch.stack(shared).tolist()
+        values = [value for value, _ in pairs]
+        preempted = any(requested > 0 for _, requested in pairs)
         bad = [rank for rank, value in enumerate(values) if not math.isfinite(value)]
         return (values[bad[0]] if bad else sum(values) / self.world), bad, preempted
 

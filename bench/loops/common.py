@@ -107,11 +107,10 @@ def trainer_reads(engine, loss: torch.Tensor, world: int) -> None:
     norm = engine.get_global_grad_norm()
     if norm is not None:
         float(norm)
-    mine = torch.stack([loss.detach().float(), torch.tensor(0.0, device=loss.device)])
-    shared = [torch.zeros_like(mine) for _ in range(world)]
+    mine = torch.stack([loss.detach().float(), loss.new_full((), 0.0, dtype=torch.float32)])
+    shared = [torch.empty_like(mine) for _ in range(world)]
     torch.distributed.all_gather(shared, mine)
-    for value in shared:
-        float(value[0]), float(value[1])
+    torch.stack(shared).tolist()
 
 
 def read_log(path: Path) -> list[dict]:
