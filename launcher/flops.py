@@ -13,6 +13,8 @@ utilisation.
 from __future__ import annotations
 
 import statistics
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,11 +89,41 @@ class Throughput:
         return rates
 
 
-def steady_rate(window_rates: list[float]) -> float | None:
-    """The training rate a run reports at its end: the median samples/s of its logged
-    windows past the first, whose time holds the first step's warm-up (kernel selection,
-    the allocator, DeepSpeed's lazy set-up), as the benchmarks read a run. A window after
-    an evaluation or a checkpoint holds that too, and the median leaves them out when they
-    are rarer than the logged steps. One window: its rate; none: None."""
-    steady = window_rates[1:] or window_rates
-    return statistics.median(steady) if steady else None
+class RateWindows:
+    """Samples/s over windows of steps, a window closed at each logged step.
+
+    A window is closed the moment its rate is read, before the logged step's
+    diagnostics and writes (weight norms, the metrics sinks) and whatever follows it
+    (an evaluation, a checkpoint): those fall in the next window, so that every second
+    of a run is in one window and the rate counts what logging costs too."""
+
+    def __init__(self, samples_per_step: int, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.samples_per_step, self.clock = samples_per_step, clock
+        self.started, self.steps = clock(), 0
+        self.closed: list[float] = []
+        """The rate of each closed window, oldest first."""
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def rate(self, now: float | None = None) -> float:
+        """The open window's samples/s so far (0 before its first step)."""
+        elapsed = (self.clock() if now is None else now) - self.started
+        return self.steps * self.samples_per_step / elapsed if elapsed > 0 else 0.0
+
+    def close(self) -> float:
+        """The open window's rate; the next window starts now."""
+        now = self.clock()
+        rate = self.rate(now)
+        self.closed.append(rate)
+        self.started, self.steps = now, 0
+        return rate
+
+    def steady_rate(self) -> float | None:
+        """The training rate a run reports at its end: the median of the closed windows
+        past the first, whose time holds the first step's warm-up (kernel selection, the
+        allocator, DeepSpeed's lazy set-up), as the benchmarks read a run. A window after
+        an evaluation or a checkpoint holds that too, and the median leaves them out when
+        they are rarer than the logged steps. One window: its rate; none: None."""
+        steady = self.closed[1:] or self.closed
+        return statistics.median(steady) if steady else None

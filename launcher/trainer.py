@@ -37,7 +37,7 @@ from launcher.engines.base import Engine, StepResult, monitor_mode, sample_score
 from launcher.engines.imports import import_engine
 from launcher.engines.module_stats import ActivationRecorder, recording_activations
 from launcher.faults import Faults
-from launcher.flops import Throughput, peak_flops, steady_rate, training_flops_per_sample
+from launcher.flops import RateWindows, Throughput, peak_flops, training_flops_per_sample
 from launcher.models.build import build_model
 from launcher.models.transfer import Transfer, load_initial_weights
 from launcher.monitor import MetricsLog, Progress
@@ -201,8 +201,7 @@ class Trainer:
         self.snapshots.forget_after(self.step)  # those past the checkpoint come again
         total, per_epoch, accum = self.steps.total, self.steps.per_epoch, self.batch.grad_accum
         progress = Progress(total, self.step, self.rank == 0 and self.plan.recipe.logging.progress)
-        started, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
-        window_rates: list[float] = []  # samples/s of each logged window, for the summary
+        started, windows = time.perf_counter(), RateWindows(self.batch.global_)
         first_step = self.step
         logging_cfg = self.plan.recipe.logging
         while self.step < total and not self.stopped_early:
@@ -227,9 +226,9 @@ class Trainer:
                 self.progress.mark(self.step, "collective")
                 loss, bad_ranks, preempted = self._share_step(result.loss)
                 self.alerts.check(self.step, loss, bad_ranks, result)  # raises on a stop policy
-                window_steps += 1
+                windows.step()
+                samples_per_s = windows.close() if logged else windows.rate()
                 lr = self.engine.schedule.lr
-                samples_per_s = window_steps * self.batch.global_ / (time.perf_counter() - window_start)
                 progress.update({"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "samples/s": f"{samples_per_s:.0f}"})
                 if logged:
                     modules = {f"grad_norm/{name}": norm for name, norm in (result.module_grad_norms or {}).items()}
@@ -237,8 +236,6 @@ class Trainer:
                     self._record("train", {"epoch": epoch, "loss": loss, "lr": lr, **group_lrs,
                                            "grad_norm": result.grad_norm, **modules, **self._model_stats(result, acts),
                                            **self.throughput.rates(samples_per_s)})
-                    window_rates.append(samples_per_s)
-                    window_start, window_steps = time.perf_counter(), 0
                 if (self.step % self.steps.eval_every == 0 or self.step == total
                         or self.snapshots.at_cycle_end(self.step)):  # every snapshot with its scores
                     self.progress.mark(self.step, "eval")
@@ -265,7 +262,7 @@ class Trainer:
         progress.close()
         self.profiler.close()  # a run stopped early inside the profiled window
         self.progress.mark(self.step, "finish")
-        self._finish(time.perf_counter() - started, self.step - first_step, window_rates)
+        self._finish(time.perf_counter() - started, self.step - first_step, windows.steady_rate())
 
     # -- pieces of a step -------------------------------------------------------------
 
@@ -391,14 +388,13 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.write(kind, self.step, values)
 
-    def _finish(self, seconds: float, steps_run: int, window_rates: list[float]) -> None:
+    def _finish(self, seconds: float, steps_run: int, samples_per_s: float | None) -> None:
         weights = self.engine.full_state_dict()  # a collective under ZeRO-3
         if self.rank != 0:
             return
         torch.save(weights, self.run_dir / "model.pt")
         # The training rate, not steps over wall time: on that the MFU of a short run
         # would count its warm-up, evaluations and checkpoints as idle devices.
-        samples_per_s = steady_rate(window_rates)
         if samples_per_s is None:  # no logged step
             samples_per_s = steps_run * self.batch.global_ / seconds if seconds > 0 else 0.0
         rates = self.throughput.rates(samples_per_s)

@@ -88,12 +88,15 @@ class StepLog:
         if step % self.log_every:
             return
         value = loss.item()  # the one read-back a step that is logged makes
-        rate = self.window_steps * self.global_batch / (time.perf_counter() - self.window_start)
+        now = time.perf_counter()
+        rate = self.window_steps * self.global_batch / (now - self.window_start)
+        # The next window starts now and holds this write, as dlaunch's trainer's holds its
+        # logging (launcher/flops.py's RateWindows).
+        self.window_start, self.window_steps = now, 0
         if self.file is not None:
             record = {"kind": "train", "step": step, "time": time.time(), "loss": value, "samples_per_s": rate}
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
-        self.window_start, self.window_steps = time.perf_counter(), 0
 
     def close(self) -> None:
         if self.file is not None:

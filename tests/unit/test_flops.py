@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher.flops import Throughput, peak_flops, steady_rate, training_flops_per_sample
+from launcher.flops import RateWindows, Throughput, peak_flops, training_flops_per_sample
 from launcher.models.gpt import GPT
 
 
@@ -45,8 +45,42 @@ def test_rates_add_tokens_and_mfu_when_known():
     assert rates == {"samples_per_s": 50.0, "tokens_per_s": 6400.0, "mfu": pytest.approx(0.1)}
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_window_closes_when_its_rate_is_read_and_what_follows_falls_in_the_next():
+    clock = Clock()
+    windows = RateWindows(samples_per_step=8, clock=clock)
+    for _ in range(4):
+        clock.now += 1.0
+        windows.step()
+    assert windows.rate() == 8.0  # the progress bar's, the window left open
+    assert windows.close() == 8.0
+    clock.now += 2.0  # the logged step's weight norms and sink writes, an evaluation
+    for _ in range(4):
+        clock.now += 1.0
+        windows.step()
+    assert windows.close() == 4 * 8 / 6.0
+    assert windows.closed == [8.0, 4 * 8 / 6.0]
+
+
+def windows_of(rates: list[float]) -> RateWindows:
+    clock = Clock()
+    windows = RateWindows(samples_per_step=1, clock=clock)
+    for rate in rates:
+        clock.now += 1 / rate
+        windows.step()
+        windows.close()
+    return windows
+
+
 def test_the_end_of_run_rate_leaves_out_the_first_window_and_slow_ones():
     # The first window holds the warm-up; one after an evaluation is slow too.
-    assert steady_rate([12.0, 100.0, 104.0, 40.0, 102.0]) == 101.0
-    assert steady_rate([12.0]) == 12.0
-    assert steady_rate([]) is None
+    assert windows_of([12.0, 100.0, 104.0, 40.0, 102.0]).steady_rate() == pytest.approx(101.0)
+    assert windows_of([12.0]).steady_rate() == pytest.approx(12.0)
+    assert windows_of([]).steady_rate() is None
