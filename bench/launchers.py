@@ -60,11 +60,11 @@ def env(device: str = "cpu") -> dict[str, str]:
 
 
 def dlaunch(root: Path, name: str, engine: str, steps: int, log_every: int, logging: str = "",
-            ranks: int = RANKS) -> Launch:
+            ranks: int = RANKS, shape: dict[str, float] = SHAPE) -> Launch:
     """``logging``: extra keys of the recipe's logging section, e.g. ", report: false"."""
     recipe = root / f"{name}.yaml"
     recipe.write_text(RECIPE.format(name=name, engine=engine, steps=steps, log_every=log_every, logging=logging,
-                                    root=root / name, ranks=ranks, **SHAPE))
+                                    root=root / name, ranks=ranks, **shape))
     return Launch([str(BIN / "dlaunch"), "run", str(recipe)], env(), None, root / name)
 
 
