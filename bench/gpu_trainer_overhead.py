@@ -132,8 +132,7 @@ def split_variants(root: Path, stage: int) -> dict[str, tuple[list[str], Path]]:
 def train_records(steps: Path) -> list[dict]:
     """The logged steps of a loop's JSONL, or of the one run under a dlaunch run root."""
     if steps.is_dir():
-        [run_dir] = [p for p in steps.iterdir() if p.is_dir()]
-        steps = run_dir / "metrics.jsonl"
+        steps = launchers.only_run_dir(steps) / "metrics.jsonl"
     return [r for r in map(json.loads, steps.read_text().splitlines()) if r["kind"] == "train"]
 
 

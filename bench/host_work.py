@@ -67,8 +67,7 @@ def trace_of(where: Path) -> Path:
     direct = where / "rank-0.trace.json"
     if direct.exists():
         return direct
-    [run_dir] = [p for p in where.iterdir() if p.is_dir()]
-    return run_dir / "profile" / "rank-0.trace.json"
+    return launchers.only_run_dir(where) / "profile" / "rank-0.trace.json"
 
 
 def host_work(trace: Path, steps: int) -> dict[str, float]:

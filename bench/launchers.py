@@ -99,12 +99,17 @@ def accelerate_loop(root: Path, name: str, steps: int, log_every: int) -> Launch
     return Launch(command, env(), out)
 
 
+def only_run_dir(run_root: Path) -> Path:
+    """The one run directory `dlaunch run` made under ``run_root``."""
+    [run_dir] = [p for p in run_root.iterdir() if p.is_dir()]
+    return run_dir
+
+
 def logged_steps(launch: Launch) -> list[dict]:
     """Rank 0's `train` records, oldest first."""
     path = launch.steps_log
     if path is None:
-        [run_dir] = [p for p in launch.run_root.iterdir() if p.is_dir()]
-        path = run_dir / "metrics.jsonl"
+        path = only_run_dir(launch.run_root) / "metrics.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()]
     return [r for r in records if r["kind"] == "train"]
 
