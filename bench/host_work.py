@@ -3,6 +3,7 @@ back to the host, for `dlaunch run` and the hand-written DeepSpeed loop at ZeRO 
 one rank, counted from a torch.profiler trace of ten steps (one of them a logged step).
 
     .venv/bin/python bench/host_work.py [--stages 0 1 2] [--out bench/results/host_work.json]
+    .venv/bin/python bench/host_work.py --time 5 [--stages 0]   # the same rows, timed
 
 Why counts: on a GPU each dispatched operator launches kernels, and each read
 (aten::_local_scalar_dense: a tensor's .item(), float(), bool() or .tolist()) makes the
@@ -15,6 +16,13 @@ tensors (DeepSpeed's per-tensor work scales with them), at width 64, rows of 63 
 micro-batch 4, bf16, AdamW (torch's, built by DeepSpeed), clipping at 1.0. dlaunch runs
 with its defaults (progress bar, TensorBoard, module gradient and weight norms at logged
 steps); its `lean` row turns those off.
+
+`--time N` runs the same rows without the profiler, N rounds in alternating order, and
+reports each row's samples/s (the median of its 10-step windows past the first, then of
+the rounds) and its ratio to the loop with dlaunch's groups and reads, which does the same
+work a step by the counts. On the CPU each operator runs where it is dispatched, so this
+times the whole step (at width 64 about a third of it is attention), not the host's share
+alone as a GPU would.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,29 +42,33 @@ import launchers  # noqa: E402
 from trainer_overhead import LEAN  # noqa: E402
 
 SHAPE = {"micro_batch": 4, "seq_len": 64, "vocab": 512, "layers": 24, "heads": 4, "embd": 64, "lr": 1e-3}
-STEPS, LOG_EVERY = 30, 10
+STEPS, TIMED_STEPS, LOG_EVERY = 30, 60, 10
 WINDOW = (11, 10)  # steps 11-20: past the warm-up, one logged step (20), no evaluation
 READ = "aten::_local_scalar_dense"
 
 
-def variants(root: Path, stage: int) -> dict[str, tuple[launchers.Launch, Path]]:
-    """Each row's launch and the directory its rank-0 trace goes to."""
-    start, steps = WINDOW
+LIKE_FOR_LIKE = "the same, + the trainer's reads every step"  # the row the timed ratios divide by
+
+
+def variants(root: Path, stage: int, profiled: bool = True) -> dict[str, tuple[launchers.Launch, Path]]:
+    """Each row's launch and the directory its rank-0 trace goes to (with ``profiled``)."""
+    start, count = WINDOW
+    steps = STEPS if profiled else TIMED_STEPS
 
     def loop(name: str, *extra: str) -> tuple[launchers.Launch, Path]:
-        launch = launchers.deepspeed_loop(root, name, stage, STEPS, LOG_EVERY, SHAPE, ranks=1,
-                                          profile=f"{start}:{steps}:{root / name}")
+        launch = launchers.deepspeed_loop(root, name, stage, steps, LOG_EVERY, SHAPE, ranks=1,
+                                          profile=f"{start}:{count}:{root / name}" if profiled else None)
         return launchers.Launch([*launch.command, *extra], launch.env, launch.steps_log), root / name
 
     def dlaunch(name: str, logging: str = "") -> tuple[launchers.Launch, Path]:
-        launch = launchers.dlaunch(root, name, f"{{name: deepspeed, zero_stage: {stage}}}", STEPS, LOG_EVERY,
-                                   f", profile: {{start_step: {start}, steps: {steps}}}{logging}", ranks=1,
-                                   shape=SHAPE)
+        profile = f", profile: {{start_step: {start}, steps: {count}}}" if profiled else ""
+        launch = launchers.dlaunch(root, name, f"{{name: deepspeed, zero_stage: {stage}}}", steps, LOG_EVERY,
+                                   profile + logging, ranks=1, shape=SHAPE)
         return launch, root / name  # the run directory inside, found once it has run
     return {
         "hand-written loop, one parameter group": loop(f"z{stage}-loop"),
         "  the same, dlaunch's two groups": loop(f"z{stage}-groups", "--decay-groups"),
-        "  the same, + the trainer's reads every step": loop(f"z{stage}-reads", "--decay-groups", "--trainer-reads"),
+        f"  {LIKE_FOR_LIKE}": loop(f"z{stage}-reads", "--decay-groups", "--trainer-reads"),
         "dlaunch run": dlaunch(f"z{stage}-dlaunch"),
         "dlaunch run, lean": dlaunch(f"z{stage}-lean", LEAN),
     }
@@ -87,18 +100,53 @@ def host_work(trace: Path, steps: int) -> dict[str, float]:
     return {"ops": top_level / steps, "reads": reads / steps, "step_ms": sum(spans) / 1e3 / len(spans)}
 
 
-def measure(launch: launchers.Launch, where: Path) -> dict[str, float]:
+def run(launch: launchers.Launch) -> None:
     result = subprocess.run(launch.command, env=launch.env, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(launch.command)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+
+
+def measure(launch: launchers.Launch, where: Path) -> dict[str, float]:
+    run(launch)
     return host_work(trace_of(where), WINDOW[1])
+
+
+def timed(stages: list[int], rounds: int) -> list[dict]:
+    """Each row's samples/s without the profiler, round after round in alternating order
+    (so that drift in the machine's speed falls on every row), and its ratio to the loop
+    with dlaunch's groups and reads, round by round."""
+    rows = []
+    print(f"{'ZeRO':<5} {'row':<46} {'samples/s':>10} {'vs like for like':>17}  (spread)", flush=True)
+    for stage in stages:
+        rates: dict[str, list[float]] = defaultdict(list)
+        for round_ in range(rounds):
+            with tempfile.TemporaryDirectory(prefix="dlaunch-host-time-") as tmp:
+                launches = list(variants(Path(tmp), stage, profiled=False).items())
+                for name, (launch, _) in launches[::-1] if round_ % 2 else launches:
+                    run(launch)
+                    rates[name.strip()].append(launchers.steady_rate(launchers.logged_steps(launch), LOG_EVERY))
+        for name, values in rates.items():
+            ratios = [value / base for value, base in zip(values, rates[LIKE_FOR_LIKE])]
+            row = {"zero_stage": stage, "row": name, "samples_per_s": statistics.median(values), "runs": values,
+                   "ratio": statistics.median(ratios), "ratio_spread": [min(ratios), max(ratios)]}
+            rows.append(row)
+            print(f"{stage:<5} {name:<46} {row['samples_per_s']:>10.1f} {row['ratio']:>17.3f}  "
+                  f"({min(ratios):.3f}-{max(ratios):.3f})", flush=True)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2], choices=[0, 1, 2])
-    parser.add_argument("--out", default="bench/results/host_work.json")
+    parser.add_argument("--time", type=int, default=0, metavar="ROUNDS",
+                        help="time the rows without the profiler over ROUNDS alternating rounds, in place of counting")
+    parser.add_argument("--out", default=None,
+                        help="default: bench/results/host_work.json, or host_time.json with --time")
     args = parser.parse_args()
+    if args.time:
+        rows = timed(args.stages, args.time)
+        write(Path(args.out or "bench/results/host_time.json"), rows, timed_rounds=args.time)
+        return
 
     rows = []
     print(f"{'ZeRO':<5} {'row':<46} {'ops/step':>9} {'reads/step':>11} {'CPU ms/step':>12}", flush=True)
@@ -109,11 +157,13 @@ def main() -> None:
                 rows.append(row)
                 print(f"{stage:<5} {name:<46} {row['ops']:>9.1f} {row['reads']:>11.1f} {row['step_ms']:>12.1f}",
                       flush=True)
-    out = Path(args.out)
+    write(Path(args.out or "bench/results/host_work.json"), rows, window={"start_step": WINDOW[0], "steps": WINDOW[1]})
+
+
+def write(out: Path, rows: list[dict], **setup: object) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"host": platform.node(), "processor": platform.processor() or platform.machine(),
-                               "shape": SHAPE, "window": {"start_step": WINDOW[0], "steps": WINDOW[1]},
-                               "rows": rows}, indent=2) + "\n")
+                               "shape": SHAPE, **setup, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
