@@ -39,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import launchers  # noqa: E402
+import trainer_overhead  # noqa: E402
 from trainer_overhead import LEAN  # noqa: E402
 
 SHAPE = {"micro_batch": 4, "seq_len": 64, "vocab": 512, "layers": 24, "heads": 4, "embd": 64, "lr": 1e-3}
@@ -123,8 +124,7 @@ def timed(stages: list[int], rounds: int) -> list[dict]:
             with tempfile.TemporaryDirectory(prefix="dlaunch-host-time-") as tmp:
                 launches = list(variants(Path(tmp), stage, profiled=False).items())
                 for name, (launch, _) in launches[::-1] if round_ % 2 else launches:
-                    run(launch)
-                    rates[name.strip()].append(launchers.steady_rate(launchers.logged_steps(launch), LOG_EVERY))
+                    rates[name.strip()].append(trainer_overhead.measure(launch))
         for name, values in rates.items():
             ratios = [value / base for value, base in zip(values, rates[LIKE_FOR_LIKE])]
             row = {"zero_stage": stage, "row": name, "samples_per_s": statistics.median(values), "runs": values,
