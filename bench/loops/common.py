@@ -40,6 +40,9 @@ def parse_args(description: str) -> argparse.Namespace:
                         help="read back every step what dlaunch's trainer reads: the gradient norm, and "
                              "every rank's loss and a flag all-gathered (Trainer._share_step); default: "
                              "the loss at logged steps only")
+    parser.add_argument("--free-logits", action="store_true",
+                        help="free the logits once the loss is computed, as dlaunch's step does (default: "
+                             "keep them until the next step's forward replaces them, as nanoGPT's loop does)")
     parser.add_argument("--profile", metavar="START:STEPS:DIR", default=None,
                         help="profile steps START..START+STEPS-1 into DIR, as dlaunch's logging.profile does")
     return parser.parse_args()

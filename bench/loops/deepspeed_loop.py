@@ -55,6 +55,8 @@ def main() -> None:
         rows = batches[step % len(batches)].to(engine.device)
         logits = engine(rows[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten())
+        if args.free_logits:
+            del logits  # the loss holds their float32 copy, not them
         engine.backward(loss)
         engine.step()
         if args.trainer_reads:
