@@ -4,6 +4,7 @@ one rank, counted from a torch.profiler trace of ten steps (one of them a logged
 
     .venv/bin/python bench/host_work.py [--stages 0 1 2] [--out bench/results/host_work.json]
     .venv/bin/python bench/host_work.py --time 5 [--stages 0]   # the same rows, timed
+    .venv/bin/python bench/host_work.py --time 6 --paired --stages 0   # each beside the loop
 
 Why counts: on a GPU each dispatched operator launches kernels, and each read
 (aten::_local_scalar_dense: a tensor's .item(), float(), bool() or .tolist()) makes the
@@ -22,13 +23,18 @@ reports each row's samples/s (the median of its 10-step windows past the first, 
 the rounds) and its ratio to the loop with dlaunch's groups and reads, which does the same
 work a step by the counts. On the CPU each operator runs where it is dispatched, so this
 times the whole step (at width 64 about a third of it is attention), not the host's share
-alone as a GPU would.
+alone as a GPU would. With `--paired` each row runs at the same time as that loop, one
+core each, swapped round by round: on a shared VM the speed of one run against the next
+moves by 20% and more, while two runs side by side move together (two copies of the loop
+within 2% in 4 of 6 rounds, within 4% in 5).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -44,6 +50,7 @@ from trainer_overhead import LEAN  # noqa: E402
 
 SHAPE = {"micro_batch": 4, "seq_len": 64, "vocab": 512, "layers": 24, "heads": 4, "embd": 64, "lr": 1e-3}
 STEPS, TIMED_STEPS, LOG_EVERY = 30, 60, 10
+PAIRED_STEPS = 200  # dlaunch starts seconds after the loop: long runs keep their steady windows side by side
 WINDOW = (11, 10)  # steps 11-20: past the warm-up, one logged step (20), no evaluation
 READ = "aten::_local_scalar_dense"
 
@@ -51,10 +58,9 @@ READ = "aten::_local_scalar_dense"
 LIKE_FOR_LIKE = "the same, + the trainer's reads every step"  # the row the timed ratios divide by
 
 
-def variants(root: Path, stage: int, profiled: bool = True) -> dict[str, tuple[launchers.Launch, Path]]:
+def variants(root: Path, stage: int, steps: int = STEPS, profiled: bool = True) -> dict[str, tuple[launchers.Launch, Path]]:
     """Each row's launch and the directory its rank-0 trace goes to (with ``profiled``)."""
     start, count = WINDOW
-    steps = STEPS if profiled else TIMED_STEPS
 
     def loop(name: str, *extra: str) -> tuple[launchers.Launch, Path]:
         launch = launchers.deepspeed_loop(root, name, stage, steps, LOG_EVERY, SHAPE, ranks=1,
@@ -70,6 +76,8 @@ def variants(root: Path, stage: int, profiled: bool = True) -> dict[str, tuple[l
         "hand-written loop, one parameter group": loop(f"z{stage}-loop"),
         "  the same, dlaunch's two groups": loop(f"z{stage}-groups", "--decay-groups"),
         f"  {LIKE_FOR_LIKE}": loop(f"z{stage}-reads", "--decay-groups", "--trainer-reads"),
+        "  the same, logits freed at the loss as dlaunch's step": loop(f"z{stage}-free", "--decay-groups",
+                                                                      "--trainer-reads", "--free-logits"),
         "dlaunch run": dlaunch(f"z{stage}-dlaunch"),
         "dlaunch run, lean": dlaunch(f"z{stage}-lean", LEAN),
     }
@@ -116,22 +124,64 @@ def timed(stages: list[int], rounds: int) -> list[dict]:
     """Each row's samples/s without the profiler, round after round in alternating order
     (so that drift in the machine's speed falls on every row), and its ratio to the loop
     with dlaunch's groups and reads, round by round."""
-    rows = []
-    print(f"{'ZeRO':<5} {'row':<46} {'samples/s':>10} {'vs like for like':>17}  (spread)", flush=True)
+    rates: dict[tuple[int, str], list[float]] = defaultdict(list)
     for stage in stages:
-        rates: dict[str, list[float]] = defaultdict(list)
         for round_ in range(rounds):
             with tempfile.TemporaryDirectory(prefix="dlaunch-host-time-") as tmp:
-                launches = list(variants(Path(tmp), stage, profiled=False).items())
+                launches = list(variants(Path(tmp), stage, TIMED_STEPS, profiled=False).items())
                 for name, (launch, _) in launches[::-1] if round_ % 2 else launches:
-                    rates[name.strip()].append(trainer_overhead.measure(launch))
-        for name, values in rates.items():
-            ratios = [value / base for value, base in zip(values, rates[LIKE_FOR_LIKE])]
-            row = {"zero_stage": stage, "row": name, "samples_per_s": statistics.median(values), "runs": values,
-                   "ratio": statistics.median(ratios), "ratio_spread": [min(ratios), max(ratios)]}
-            rows.append(row)
-            print(f"{stage:<5} {name:<46} {row['samples_per_s']:>10.1f} {row['ratio']:>17.3f}  "
-                  f"({min(ratios):.3f}-{max(ratios):.3f})", flush=True)
+                    rates[stage, name.strip()].append(trainer_overhead.measure(launch))
+    return _rows(rates, {key: [value / base for value, base in zip(values, rates[key[0], LIKE_FOR_LIKE])]
+                         for key, values in rates.items()})
+
+
+def paired(stages: list[int], rounds: int) -> list[dict]:
+    """Each row at the same time as the loop with dlaunch's groups and reads, each pinned
+    to a core of its own (the two swapped round by round): the machine's drift, which moves
+    one run's speed against the next by 20% and more on a shared VM, falls on both alike."""
+    rates: dict[tuple[int, str], list[float]] = defaultdict(list)
+    ratios: dict[tuple[int, str], list[float]] = defaultdict(list)
+    for stage in stages:
+        for round_ in range(rounds):
+            cores = (0, 1) if round_ % 2 == 0 else (1, 0)
+            with tempfile.TemporaryDirectory(prefix="dlaunch-host-pair-") as tmp:
+                launches = {name.strip(): launch
+                            for name, (launch, _) in variants(Path(tmp), stage, PAIRED_STEPS, profiled=False).items()}
+                for name in launches:  # the table in the rows' order
+                    rates.setdefault((stage, name), [])
+                base = launches.pop(LIKE_FOR_LIKE)
+                for name, launch in launches.items():
+                    base_rate, rate = side_by_side([base, launch], cores)
+                    rates[stage, LIKE_FOR_LIKE].append(base_rate)
+                    rates[stage, name].append(rate)
+                    ratios[stage, name].append(rate / base_rate)
+                    ratios[stage, LIKE_FOR_LIKE].append(1.0)
+    return _rows(rates, ratios)
+
+
+def side_by_side(launches: list[launchers.Launch], cores: tuple[int, ...]) -> list[float]:
+    """Run the launches at once, each with its processes bound to one core; their steady
+    samples/s."""
+    procs = [subprocess.Popen(launch.command, env=launch.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, preexec_fn=functools.partial(os.sched_setaffinity, 0, {core}))
+             for launch, core in zip(launches, cores)]
+    for launch, proc in zip(launches, procs):
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(launch.command)} failed ({proc.returncode}):\n{err[-3000:]}")
+    return [launchers.steady_rate(launchers.logged_steps(launch), warmup_steps=LOG_EVERY) for launch in launches]
+
+
+def _rows(rates: dict[tuple[int, str], list[float]], ratios: dict[tuple[int, str], list[float]]) -> list[dict]:
+    rows = []
+    print(f"{'ZeRO':<5} {'row':<56} {'samples/s':>10} {'vs like for like':>17}  (spread)", flush=True)
+    for (stage, name), values in rates.items():
+        row_ratios = ratios[stage, name]
+        row = {"zero_stage": stage, "row": name, "samples_per_s": statistics.median(values), "runs": values,
+               "ratio": statistics.median(row_ratios), "ratio_spread": [min(row_ratios), max(row_ratios)]}
+        rows.append(row)
+        print(f"{stage:<5} {name:<56} {row['samples_per_s']:>10.1f} {row['ratio']:>17.3f}  "
+              f"({min(row_ratios):.3f}-{max(row_ratios):.3f})", flush=True)
     return rows
 
 
@@ -140,12 +190,20 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2], choices=[0, 1, 2])
     parser.add_argument("--time", type=int, default=0, metavar="ROUNDS",
                         help="time the rows without the profiler over ROUNDS alternating rounds, in place of counting")
+    parser.add_argument("--paired", action="store_true",
+                        help="with --time: run each row at the same time as the like-for-like loop, the two "
+                             f"on a core each, for {PAIRED_STEPS} steps (needs 2 cores)")
     parser.add_argument("--out", default=None,
-                        help="default: bench/results/host_work.json, or host_time.json with --time")
+                        help="default: bench/results/host_work.json, or host_time.json (host_pair.json "
+                             "--paired) with --time")
     args = parser.parse_args()
+    if args.paired and not args.time:
+        parser.error("--paired times the rows: give --time ROUNDS")
     if args.time:
-        rows = timed(args.stages, args.time)
-        write(Path(args.out or "bench/results/host_time.json"), rows, timed_rounds=args.time)
+        rows = (paired if args.paired else timed)(args.stages, args.time)
+        default = "bench/results/host_pair.json" if args.paired else "bench/results/host_time.json"
+        write(Path(args.out or default), rows, timed_rounds=args.time,
+              steps=PAIRED_STEPS if args.paired else TIMED_STEPS, side_by_side=args.paired)
         return
 
     rows = []
