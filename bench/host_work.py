@@ -207,13 +207,13 @@ def main() -> None:
         return
 
     rows = []
-    print(f"{'ZeRO':<5} {'row':<46} {'ops/step':>9} {'reads/step':>11} {'CPU ms/step':>12}", flush=True)
+    print(f"{'ZeRO':<5} {'row':<56} {'ops/step':>9} {'reads/step':>11} {'CPU ms/step':>12}", flush=True)
     with tempfile.TemporaryDirectory(prefix="dlaunch-host-work-") as tmp:
         for stage in args.stages:
             for name, (launch, where) in variants(Path(tmp), stage).items():
                 row = {"zero_stage": stage, "row": name.strip(), **measure(launch, where)}
                 rows.append(row)
-                print(f"{stage:<5} {name:<46} {row['ops']:>9.1f} {row['reads']:>11.1f} {row['step_ms']:>12.1f}",
+                print(f"{stage:<5} {name:<56} {row['ops']:>9.1f} {row['reads']:>11.1f} {row['step_ms']:>12.1f}",
                       flush=True)
     write(Path(args.out or "bench/results/host_work.json"), rows, window={"start_step": WINDOW[0], "steps": WINDOW[1]})
 
