@@ -4,7 +4,7 @@ one rank, counted from a torch.profiler trace of ten steps (one of them a logged
 
     .venv/bin/python bench/host_work.py [--stages 0 1 2] [--out bench/results/host_work.json]
     .venv/bin/python bench/host_work.py --time 5 [--stages 0]   # the same rows, timed
-    .venv/bin/python bench/host_work.py --time 6 --paired --stages 0   # each beside the loop
+    .venv/bin/python bench/host_work.py --time 4 --paired --stages 0   # each beside the loop
 
 Why counts: on a GPU each dispatched operator launches kernels, and each read
 (aten::_local_scalar_dense: a tensor's .item(), float(), bool() or .tolist()) makes the
@@ -141,9 +141,10 @@ def paired(stages: list[int], rounds: int) -> list[dict]:
     one run's speed against the next by 20% and more on a shared VM, falls on both alike."""
     rates: dict[tuple[int, str], list[float]] = defaultdict(list)
     ratios: dict[tuple[int, str], list[float]] = defaultdict(list)
+    first, second = sorted(os.sched_getaffinity(0))[:2]  # the cores this process may use
     for stage in stages:
         for round_ in range(rounds):
-            cores = (0, 1) if round_ % 2 == 0 else (1, 0)
+            cores = (first, second) if round_ % 2 == 0 else (second, first)
             with tempfile.TemporaryDirectory(prefix="dlaunch-host-pair-") as tmp:
                 launches = {name.strip(): launch
                             for name, (launch, _) in variants(Path(tmp), stage, PAIRED_STEPS, profiled=False).items()}
