@@ -166,8 +166,8 @@ def side_by_side(launches: list[launchers.Launch], cores: tuple[int, ...]) -> li
     procs = [subprocess.Popen(launch.command, env=launch.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True, preexec_fn=functools.partial(os.sched_setaffinity, 0, {core}))
              for launch, core in zip(launches, cores)]
-    for launch, proc in zip(launches, procs):
-        _, err = proc.communicate()
+    errors = [proc.communicate()[1] for proc in procs]  # both ended before either is judged
+    for launch, proc, err in zip(launches, procs, errors):
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(launch.command)} failed ({proc.returncode}):\n{err[-3000:]}")
     return [launchers.steady_rate(launchers.logged_steps(launch), warmup_steps=LOG_EVERY) for launch in launches]
