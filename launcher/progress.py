@@ -16,9 +16,10 @@ from typing import Literal, NamedTuple
 
 from launcher.rundir import rank_progress
 
-Phase = Literal["start", "data", "compute", "collective", "eval", "snapshot", "checkpoint", "report", "finish"]
+Phase = Literal["start", "data", "compute", "collective", "update", "eval", "snapshot", "checkpoint", "report",
+                "finish"]
 # The order of a step's phases: a rank in an earlier phase of the same step is behind.
-PHASES: tuple[Phase, ...] = ("start", "data", "compute", "collective", "eval", "snapshot", "checkpoint",
+PHASES: tuple[Phase, ...] = ("start", "data", "compute", "collective", "update", "eval", "snapshot", "checkpoint",
                              "report", "finish")
 
 

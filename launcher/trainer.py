@@ -22,6 +22,7 @@ import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -151,6 +152,17 @@ def _throughput(plan: LaunchPlan, model: torch.nn.Module) -> Throughput:
                       None if peak is None else peak * plan.topology.world_size)
 
 
+class SharedStep(NamedTuple):
+    """A step's outcome as every rank sees it (Trainer._share_step)."""
+
+    loss: float
+    """The mean of the ranks' losses; the first non-finite one when a rank's is."""
+    bad_ranks: list[int]
+    """The ranks whose loss is NaN or Inf."""
+    preempted: bool
+    """A rank was asked to stop: all checkpoint this step and end."""
+
+
 class Trainer:
     def __init__(self, plan: LaunchPlan, engine: Engine, split: Split, throughput: Throughput,
                  transfer: Transfer, progress: RankProgress) -> None:
@@ -176,6 +188,7 @@ class Trainer:
         self.stopped_early = False
         self.overflows = 0  # fp16 steps the loss scaler skipped, over the whole run
         self.last_eval: dict[str, float] = {}
+        self.shared_step: SharedStep | None = None
         self.metrics = MetricsLog(plan) if self.rank == 0 else None
         self.snapshots = SnapshotWriter(self.run_dir, self.steps.snapshots, self.rank)
         self.progress = progress
@@ -216,15 +229,15 @@ class Trainer:
                 micro_batches = [mix_micro_batch(next(batches), self.plan, rank=self.rank, step=self.step, micro=k)
                                  for k in range(accum)]
                 self.progress.mark(self.step + 1, "compute")
+                self.shared_step = None  # the engine's call of _share_step sets it
                 with recording_activations(self.engine.module, logged and logging_cfg.activation_stats) as acts:
                     result = self.engine.train_step(micro_batches, skip_above=self.alerts.skip_above,
-                                                    module_norms=logged and logging_cfg.module_grad_norms)
+                                                    module_norms=logged and logging_cfg.module_grad_norms,
+                                                    before_update=self._share_step)
                 result = self._without_held_modules(result)
                 self.step += 1
                 self.overflows += result.overflow
-                self.faults.hang(self.step, "collective")
-                self.progress.mark(self.step, "collective")
-                loss, bad_ranks, preempted = self._share_step(result.loss)
+                loss, bad_ranks, preempted = self.shared_step
                 self.alerts.check(self.step, loss, bad_ranks, result)  # raises on a stop policy
                 windows.step()
                 samples_per_s = windows.close() if logged else windows.rate()
@@ -275,21 +288,27 @@ class Trainer:
         norms = {name: norm for name, norm in result.module_grad_norms.items() if name not in held}
         return replace(result, module_grad_norms=norms)
 
-    def _share_step(self, loss: torch.Tensor) -> tuple[float, list[int], bool]:
-        """One collective a step: every rank's loss and preemption flag. The logged loss
-        is the mean (NaN with any rank's); the ranks whose loss is NaN or Inf go to the
-        alerts; a preemption request on any rank is seen by all at this step. On a GPU a
-        read waits for the kernels queued before it: the flag is filled in on the device
-        rather than copied there, and the gathered pairs come back in one read."""
+    def _share_step(self, loss: torch.Tensor) -> None:
+        """One collective a step, into self.shared_step: every rank's loss and preemption
+        flag. The logged loss is the mean (NaN with any rank's); the ranks whose loss is
+        NaN or Inf go to the alerts; a preemption request on any rank is seen by all at
+        this step. The engine calls it between the step's backward pass and its update,
+        where the host waits for the device anyway (base.BeforeUpdate). On a GPU a read
+        waits for the kernels queued before it: the flag is filled in on the device rather
+        than copied there, and the gathered pairs come back in one read."""
+        step = self.step + 1  # the step in progress: self.step counts finished ones
+        self.faults.hang(step, "collective")
+        self.progress.mark(step, "collective")
         flag = loss.new_full((), float(preemption.requested), dtype=torch.float32)
         mine = torch.stack([loss.float(), flag])
         shared = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(shared, mine)
         pairs = torch.stack(shared).tolist()
+        self.progress.mark(step, "update")
         values = [value for value, _ in pairs]
         preempted = any(requested > 0 for _, requested in pairs)
         bad = [rank for rank, value in enumerate(values) if not math.isfinite(value)]
-        return (values[bad[0]] if bad else sum(values) / self.world), bad, preempted
+        self.shared_step = SharedStep(values[bad[0]] if bad else sum(values) / self.world, bad, preempted)
 
     def _model_stats(self, result: StepResult, activations: ActivationRecorder | None) -> dict[str, float]:
         """A logged step's weight norms, activation statistics (averaged over ranks) and

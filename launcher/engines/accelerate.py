@@ -23,6 +23,7 @@ from accelerate.utils import (
 
 from launcher.engines.base import (
     Batch,
+    BeforeUpdate,
     StepResult,
     build_optimizer,
     loss_fn,
@@ -80,7 +81,7 @@ class AccelerateEngine:
                  self.accelerator.gradient_accumulation_steps)
 
     def train_step(self, micro_batches: Sequence[Batch], *, skip_above: float | None = None,
-                   module_norms: bool = False) -> StepResult:
+                   module_norms: bool = False, before_update: BeforeUpdate | None = None) -> StepResult:
         self.model.train()
         total = torch.zeros((), device=self.device)
         norm, applied, overflow, modules = None, True, False, None
@@ -89,6 +90,7 @@ class AccelerateEngine:
             with self.accelerator.accumulate(self.model):
                 loss = loss_fn(self.model(to_device(inputs, self.device)), to_device(targets, self.device))
                 self.accelerator.backward(loss)
+                total += loss.detach()
                 if self.accelerator.sync_gradients:
                     if module_norms:
                         modules = self._module_norms()
@@ -99,10 +101,11 @@ class AccelerateEngine:
                     # handle: its step() skips the update and lowers the scale.
                     overflow = scaler is not None and not math.isfinite(norm)
                     applied = skip_above is None or overflow or (math.isfinite(norm) and norm <= skip_above)
+                    if before_update is not None:
+                        before_update(total / len(micro_batches))
                 if applied:
                     self.optimizer.step()  # a no-op until the last micro-batch
                 self.optimizer.zero_grad(set_to_none=True)
-            total += loss.detach()
         self.schedule.step()
         # The scaler skips a step whose unscaled gradients hold an Inf or a NaN: exactly
         # a non-finite norm (clipping unscales them first). Accelerate's step_was_skipped

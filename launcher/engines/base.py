@@ -22,6 +22,11 @@ from launcher.recipe import TrainConfig
 from launcher.schedules import LRSchedule
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+BeforeUpdate = Callable[[torch.Tensor], None]
+"""What the trainer does between a step's backward pass and its update. On a GPU a read
+there waits for the backward's kernels, which the engine's update waits for anyway (its
+gradient-norm and overflow checks read back); after the update it would also wait out the
+optimizer's kernels, which otherwise run while the host queues the next step."""
 
 
 @dataclass
@@ -50,10 +55,12 @@ class Engine(Protocol):
     this rank's shards)."""
 
     def train_step(self, micro_batches: Sequence[Batch], *, skip_above: float | None = None,
-                   module_norms: bool = False) -> StepResult:
+                   module_norms: bool = False, before_update: BeforeUpdate | None = None) -> StepResult:
         """One optimizer step. With ``skip_above``, a step whose global gradient norm is
         not finite or above it is not applied (the same decision on every rank).
-        ``module_norms`` asks for each top-level module's gradient norm."""
+        ``module_norms`` asks for each top-level module's gradient norm.
+        ``before_update`` is called once, with the step's mean loss on this rank (as
+        StepResult.loss), after the last backward pass and before the optimizer update."""
         ...
 
     def weight_norms(self) -> tuple[float, dict[str, float]]:

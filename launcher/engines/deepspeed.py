@@ -18,6 +18,7 @@ from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
 
 from launcher.engines.base import (
     Batch,
+    BeforeUpdate,
     StepResult,
     build_optimizer,
     loss_fn,
@@ -88,7 +89,7 @@ class DeepSpeedEngine:
         return inputs.to(self.compute_dtype) if inputs.is_floating_point() else inputs
 
     def train_step(self, micro_batches: Sequence[Batch], *, skip_above: float | None = None,
-                   module_norms: bool = False) -> StepResult:
+                   module_norms: bool = False, before_update: BeforeUpdate | None = None) -> StepResult:
         """DeepSpeed itself skips a step whose gradients hold a NaN or an Inf (its overflow
         check); the planner refuses a finite ``skip_above``, which DeepSpeed cannot honour:
         it applies the step before the norm is known here."""
@@ -98,11 +99,15 @@ class DeepSpeedEngine:
         for index, (inputs, targets) in enumerate(micro_batches):
             loss = loss_fn(self.engine(self._to_device(inputs)), to_device(targets, self.device))
             self.engine.backward(loss)  # scales by 1/accumulation itself
-            if module_norms and index == len(micro_batches) - 1:
-                # The gradients exist between the last backward and the step.
-                modules = self._module_grad_norms()
-            self.engine.step()
             total += loss.detach()
+            if index == len(micro_batches) - 1:  # the step's gradients are complete until engine.step()
+                if module_norms:
+                    modules = self._module_grad_norms()
+                if before_update is not None:
+                    before_update(total / len(micro_batches))
+            self.engine.step()  # applies the update at the accumulation boundary only
+        # A tensor at ZeRO 1-2, read after the update: on a GPU this read waits for the
+        # optimizer's kernels (the one such wait left; the alerts need every step's norm).
         norm = self.engine.get_global_grad_norm()
         applied = self.engine.was_step_applied()
         return StepResult(loss=total / len(micro_batches), grad_norm=None if norm is None else float(norm),

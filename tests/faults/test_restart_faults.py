@@ -81,7 +81,7 @@ def test_a_run_killed_again_after_its_last_restart_stops_naming_rank_node_step_a
     assert "dlaunch: restarting (1 of 1) from checkpoint step-00000004" in result.stderr
 
     final = result.stderr[result.stderr.rindex("error: rank"):].splitlines()
-    assert final[0] == (f"error: rank 1 (node 1 on {HOST}, local rank 0) failed at step 10 (collective): "
+    assert final[0] == (f"error: rank 1 (node 1 on {HOST}, local rank 0) failed at step 10 (update): "
                         "killed before it could say why (SIGKILL, the OOM killer or a native crash)")
     assert final[1] == f"last lines of {run_dir / 'logs' / 'rank-1.log'}:"
     assert any("resumed from step-00000004 at step 4" in line for line in final)  # the second attempt's log

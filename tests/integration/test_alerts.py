@@ -116,7 +116,7 @@ def test_exploding_gradients_stop_the_run_before_a_checkpoint_takes_them_and_no_
     result, run_dir = run(tmp_path, "deepspeed", "{exploding_grad: {threshold: 50.0, policy: stop}}",
                           {"FAULT": "1e5", "FAULT_AT": "8"}, max_restarts=1)
     assert result.returncode == 1
-    assert "stopped at step 8 (collective): AlertStop: step 8: gradient norm" in result.stderr
+    assert "stopped at step 8 (update): AlertStop: step 8: gradient norm" in result.stderr
     assert "is above 50" in result.stderr
     assert "restarting" not in result.stderr  # a restart would stop at the same step again
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000004"

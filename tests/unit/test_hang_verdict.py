@@ -29,6 +29,16 @@ def test_a_rank_that_never_entered_the_collective_is_named_with_its_step():
                        "within 600 s (train.hang_timeout)")
 
 
+def test_a_hang_in_the_optimizer_update_is_told_from_one_in_the_forward_and_backward():
+    """The update has a phase of its own, after the loss collective: under ZeRO it gathers
+    the updated weights, a collective every rank has arrived at."""
+    verdict = decide([at(5, "update", T0), at(5, "update", T0 + 1)], procs_per_node=1, timeouts=Timeouts(600))
+    assert verdict == ("all 2 ranks have been applying step 5's optimizer update for over 600 s "
+                       "(train.hang_timeout); every rank arrived, so the hang is inside it (a collective or the engine)")
+    assert decide([at(5, "update"), at(5, "compute")], procs_per_node=1, timeouts=Timeouts(600)).startswith(
+        "rank 1 (node 1, computing step 5) did not arrive at step 5's optimizer update")
+
+
 def test_an_earlier_step_is_behind_a_later_phase_of_none():
     """Step first, then the phase: a rank still writing step 4's checkpoint is behind one
     loading step 5's batch."""
