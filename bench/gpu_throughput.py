@@ -96,10 +96,11 @@ def dlaunch_rates(args: argparse.Namespace, root: Path, engine: str = ENGINE) ->
     return [r for r in records if r["kind"] == "train" and r["step"] > args.warmup]
 
 
-def hand_written(args: argparse.Namespace, sync: str = "none") -> dict[str, float]:
-    """nanoGPT's loop on the same model and batch: steady-state samples/s. sync "item"
-    reads the loss and gradient norm back every step; "gather" all-gathers them first (a
-    process group must exist), as the trainer's _share_step does."""
+def hand_written(args: argparse.Namespace, gather: bool = False) -> dict[str, float]:
+    """nanoGPT's loop on the same model and batch: steady-state samples/s. ``gather``
+    all-gathers the loss and gradient norm every step and reads them back (a process
+    group must exist), where dlaunch's trainer does (Trainer._share_step): between the
+    backward pass and the update."""
     torch.manual_seed(0)
     model = GPT([args.seq], VOCAB, n_layer=args.layers, n_head=args.heads, n_embd=args.embd).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
@@ -113,15 +114,12 @@ def hand_written(args: argparse.Namespace, sync: str = "none") -> dict[str, floa
             loss = loss_fn(model(inputs), targets)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if gather:
+            gathered = [torch.zeros(2, device="cuda")]
+            torch.distributed.all_gather(gathered, torch.stack([loss.detach().float(), norm.float()]))
+            gathered[0].tolist()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if sync != "none":
-            shared = torch.stack([loss.detach().float(), norm.float()])
-            if sync == "gather":
-                gathered = [torch.zeros_like(shared)]
-                torch.distributed.all_gather(gathered, shared)
-                shared = gathered[0]
-            shared.tolist()
     torch.cuda.synchronize()
     samples_per_s = (args.steps - args.warmup) * args.batch / (time.perf_counter() - started)
     return {"samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * args.seq}

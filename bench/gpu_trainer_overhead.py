@@ -2,7 +2,7 @@
 GPT in bf16, one after the other in this script:
 
 - nanoGPT's loop (autocast, fused AdamW), with and without the trainer's per-step
-  all_gather and read-back of the loss;
+  all_gather and read-back of the loss (between the backward pass and the update);
 - the minimal hand-written DeepSpeed loop (bench/loops/deepspeed_loop.py under torchrun)
   at ZeRO 0, 1 and 2: what DeepSpeed's bf16 path costs by itself;
 - `dlaunch run` on the same engines and on Accelerate's DDP;
@@ -19,7 +19,8 @@ bench/results/gpu_trainer_overhead.json. Needs a CUDA GPU.
 --split runs only one ZeRO stage (--stage, 2 unless told), ROUNDS times over, in
 variants that take dlaunch's run apart: the loop as it is, with dlaunch's two parameter
 groups, with the reads of the loss and gradient norm the trainer makes every step (each
-waits for the GPU), under torchrun with the rendezvous flags dlaunch's agents get (c10d on
+waits for the GPU) where it makes them and, as it did until 2026-11-29, all after the
+update, under torchrun with the rendezvous flags dlaunch's agents get (c10d on
 127.0.0.1 rather than --standalone), and launched by `dlaunch run --script` (dlaunch's
 process tree, worker and environment around the same loop); `dlaunch run` as it is and
 with one parameter group (weight_decay 0).
@@ -122,6 +123,8 @@ def split_variants(root: Path, stage: int) -> dict[str, tuple[list[str], Path]]:
         f"hand-written DeepSpeed ZeRO-{stage}": loop("loop"),
         "  the same, dlaunch's two parameter groups": loop("groups", "--decay-groups"),
         "  the same, the trainer's host reads every step": loop("reads", "--trainer-reads"),
+        "  the same, those reads after the update (dlaunch until 2026-11-29)": loop("reads-end",
+                                                                                    "--trainer-reads=end"),
         "  the same, torchrun with dlaunch's agent flags": loop("agent", launch="agent flags"),
         "  the same, under `dlaunch run --script`": loop("script", launch="dlaunch"),
         f"dlaunch, DeepSpeed ZeRO-{stage}": trainer("dlaunch"),
@@ -210,9 +213,9 @@ def main() -> int:
                                       indent=2) + "\n")  # row by row: a run cut short keeps what it measured
 
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{launchers.free_port()}", rank=0, world_size=1)
-    for sync, name in (("none", "hand-written (autocast, fused AdamW)"),
-                       ("gather", "hand-written, plus the trainer's all_gather")):
-        report(name, bench.hand_written(ARGS, sync)["tokens_per_s"])
+    for gather, name in ((False, "hand-written (autocast, fused AdamW)"),
+                         (True, "hand-written, plus the trainer's all_gather")):
+        report(name, bench.hand_written(ARGS, gather)["tokens_per_s"])
     dist.destroy_process_group()
     torch.cuda.empty_cache()
     for stage in STAGES:  # each pair back to back

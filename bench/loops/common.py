@@ -36,10 +36,11 @@ def parse_args(description: str) -> argparse.Namespace:
     parser.add_argument("--decay-groups", action="store_true",
                         help="two AdamW groups, as nanoGPT and dlaunch: weight decay on matrices and "
                              "embeddings, none on biases and norm gains (default: one group, all decayed)")
-    parser.add_argument("--trainer-reads", action="store_true",
-                        help="read back every step what dlaunch's trainer reads: the gradient norm, and "
-                             "every rank's loss and a flag all-gathered (Trainer._share_step); default: "
-                             "the loss at logged steps only")
+    parser.add_argument("--trainer-reads", nargs="?", const="before-update", choices=["before-update", "end"],
+                        help="read back every step what dlaunch's trainer reads, where it reads them: every "
+                             "rank's loss and a flag all-gathered between the backward pass and the update "
+                             "(Trainer._share_step), the gradient norm after it; 'end': both after the "
+                             "update, as dlaunch did until 2026-11-29; default: the loss at logged steps only")
     parser.add_argument("--free-logits", action="store_true",
                         help="free the logits once the loss is computed, as dlaunch's step does (default: "
                              "keep them until the next step's forward replaces them, as nanoGPT's loop does)")
@@ -106,17 +107,22 @@ class StepLog:
             self.file.close()
 
 
-def trainer_reads(engine, loss: torch.Tensor, world: int) -> None:
-    """The host reads a step of dlaunch's trainer makes after DeepSpeed's step, made the
-    same way (launcher/engines/deepspeed.py's train_step, Trainer._share_step): on a GPU
-    each waits for the work queued before it."""
-    norm = engine.get_global_grad_norm()
-    if norm is not None:
-        float(norm)
+def share_step(loss: torch.Tensor, world: int) -> None:
+    """The read of dlaunch's Trainer._share_step, made the same way: every rank's loss and
+    a flag all-gathered, read back in one .tolist(). On a GPU it waits for the kernels
+    queued before it."""
     mine = torch.stack([loss.detach().float(), loss.new_full((), 0.0, dtype=torch.float32)])
     shared = [torch.empty_like(mine) for _ in range(world)]
     torch.distributed.all_gather(shared, mine)
     torch.stack(shared).tolist()
+
+
+def read_grad_norm(engine) -> None:
+    """The read after DeepSpeed's step of launcher/engines/deepspeed.py's train_step: the
+    gradient norm, a tensor at ZeRO 1-2."""
+    norm = engine.get_global_grad_norm()
+    if norm is not None:
+        float(norm)
 
 
 def read_log(path: Path) -> list[dict]:

@@ -24,8 +24,9 @@ from common import (  # noqa: E402
     model_and_batches,
     optimizer_groups,
     parse_args,
+    read_grad_norm,
+    share_step,
     step_profiler,
-    trainer_reads,
 )
 
 WEIGHT_DECAY = 0.01
@@ -58,9 +59,13 @@ def main() -> None:
         if args.free_logits:
             del logits  # the loss holds their float32 copy, not them
         engine.backward(loss)
+        if args.trainer_reads == "before-update":
+            share_step(loss, world)
         engine.step()
         if args.trainer_reads:
-            trainer_reads(engine, loss, world)
+            read_grad_norm(engine)
+        if args.trainer_reads == "end":
+            share_step(loss, world)
         log.step(step, loss)
         profiler.after_step(step)
     log.close()
