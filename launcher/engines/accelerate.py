@@ -83,14 +83,14 @@ class AccelerateEngine:
     def train_step(self, micro_batches: Sequence[Batch], *, skip_above: float | None = None,
                    module_norms: bool = False, before_update: BeforeUpdate | None = None) -> StepResult:
         self.model.train()
-        total = torch.zeros((), device=self.device)
+        mean_loss = torch.zeros((), device=self.device)  # over the step's micro-batches
         norm, applied, overflow, modules = None, True, False, None
         scaler = self.accelerator.scaler  # fp16 only
         for inputs, targets in micro_batches:
             with self.accelerator.accumulate(self.model):
                 loss = loss_fn(self.model(to_device(inputs, self.device)), to_device(targets, self.device))
                 self.accelerator.backward(loss)
-                total += loss.detach()
+                mean_loss.add_(loss.detach(), alpha=1 / len(micro_batches))
                 if self.accelerator.sync_gradients:
                     if module_norms:
                         modules = self._module_norms()
@@ -102,7 +102,7 @@ class AccelerateEngine:
                     overflow = scaler is not None and not math.isfinite(norm)
                     applied = skip_above is None or overflow or (math.isfinite(norm) and norm <= skip_above)
                     if before_update is not None:
-                        before_update(total / len(micro_batches))
+                        before_update(mean_loss)
                 if applied:
                     self.optimizer.step()  # a no-op until the last micro-batch
                 self.optimizer.zero_grad(set_to_none=True)
@@ -110,7 +110,7 @@ class AccelerateEngine:
         # The scaler skips a step whose unscaled gradients hold an Inf or a NaN: exactly
         # a non-finite norm (clipping unscales them first). Accelerate's step_was_skipped
         # cannot tell: a fused optimizer is called and skips by itself (seen on an H100).
-        return StepResult(loss=total / len(micro_batches), grad_norm=norm, applied=applied and not overflow,
+        return StepResult(loss=mean_loss, grad_norm=norm, applied=applied and not overflow,
                           module_grad_norms=modules, overflow=overflow,
                           loss_scale=None if scaler is None else float(scaler.get_scale()))
 

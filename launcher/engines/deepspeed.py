@@ -94,23 +94,23 @@ class DeepSpeedEngine:
         check); the planner refuses a finite ``skip_above``, which DeepSpeed cannot honour:
         it applies the step before the norm is known here."""
         self.engine.train()
-        total = torch.zeros((), device=self.device)
+        mean_loss = torch.zeros((), device=self.device)  # over the step's micro-batches
         modules = None
         for index, (inputs, targets) in enumerate(micro_batches):
             loss = loss_fn(self.engine(self._to_device(inputs)), to_device(targets, self.device))
             self.engine.backward(loss)  # scales by 1/accumulation itself
-            total += loss.detach()
+            mean_loss.add_(loss.detach(), alpha=1 / len(micro_batches))
             if index == len(micro_batches) - 1:  # the step's gradients are complete until engine.step()
                 if module_norms:
                     modules = self._module_grad_norms()
                 if before_update is not None:
-                    before_update(total / len(micro_batches))
+                    before_update(mean_loss)
             self.engine.step()  # applies the update at the accumulation boundary only
-        # A tensor at ZeRO 1-2, read after the update: on a GPU this read waits for the
+        # A float at ZeRO-0, a tensor at ZeRO 1-3: there this read waits, on a GPU, for the
         # optimizer's kernels (the one such wait left; the alerts need every step's norm).
         norm = self.engine.get_global_grad_norm()
         applied = self.engine.was_step_applied()
-        return StepResult(loss=total / len(micro_batches), grad_norm=None if norm is None else float(norm),
+        return StepResult(loss=mean_loss, grad_norm=None if norm is None else float(norm),
                           applied=applied, module_grad_norms=modules, loss_scale=self._loss_scale(),
                           # In fp16 a step is skipped for one reason: its loss scaler's overflow check.
                           overflow=self.fp16 and not applied)
