@@ -119,7 +119,7 @@ def share_step(loss: torch.Tensor, world: int) -> None:
 
 def read_grad_norm(engine) -> None:
     """The read after DeepSpeed's step of launcher/engines/deepspeed.py's train_step: the
-    gradient norm, a tensor at ZeRO 1-2."""
+    gradient norm, a tensor at ZeRO 1-3."""
     norm = engine.get_global_grad_norm()
     if norm is not None:
         float(norm)
