@@ -117,9 +117,10 @@ def load_data_and_model(plan: LaunchPlan) -> tuple[Split | None, torch.nn.Module
 def start_engine(plan: LaunchPlan, model: torch.nn.Module, transfer: Transfer,
                  split: Split | None) -> tuple[Engine, Split]:
     """The engine around ``model`` (this joins the process group), and the split."""
-    # DeepSpeed's ZeRO calls a torch collective that torch has deprecated; nothing a
-    # user can act on, printed by every rank at its first step.
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    # DeepSpeed's ZeRO calls torch collectives that torch has deprecated; nothing a user
+    # can act on, printed by every rank (ZeRO-3's reduce_scatter_tensor at every step).
+    warnings.filterwarnings("ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor).*",
+                            category=FutureWarning)
     recipe = plan.recipe
     engine = create_engine(plan, model, transfer.param_groups(model, recipe.optim.weight_decay))
     transfer.hold(model, engine.schedule)

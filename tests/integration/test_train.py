@@ -78,8 +78,11 @@ def test_engine_trains_on_topology(tmp_path, engine, stage, nodes, procs):
 # and ZeRO-3 in fp32 train in test_sharded_module_grad_norms.py and test_resume.py.
 @pytest.mark.parametrize("stage,dtype", [(0, "bf16"), (1, "fp32"), (2, "fp32"), (3, "bf16")])
 def test_deepspeed_zero_stage_and_precision(tmp_path, stage, dtype):
-    run_dir, _ = train(tmp_path, stage=stage, dtype=dtype)
+    run_dir, result = train(tmp_path, stage=stage, dtype=dtype)
     assert_learned(run_dir)
+    # DeepSpeed's calls of collectives that torch has deprecated are nothing a user can act
+    # on; ZeRO-3's came every step from every rank.
+    assert "Warning" not in result.stderr, result.stderr[-3000:]
     config = json.loads((run_dir / "ds_config.json").read_text())
     assert config["zero_optimization"]["stage"] == stage
     assert config["bf16"]["enabled"] == (dtype == "bf16")
