@@ -424,6 +424,10 @@ def _planned_env(recipe: Recipe, topo: Topology, host: HostFacts) -> dict[str, s
     if topo.device == "cpu":
         # Tell DeepSpeed rather than let it probe (and warn about) every accelerator.
         env["DS_ACCELERATOR"] = "cpu"
+        # Its CPU accelerator counts a node's devices, its ranks, from LOCAL_SIZE, which its
+        # own launcher sets; without it each count runs `numactl --hardware` in a child
+        # process, and ZeRO-3 counts at every step.
+        env["LOCAL_SIZE"] = str(topo.procs_per_node)
         # glibc's malloc hands a CPU step's big temporaries (DeepSpeed's 954 MiB gradient
         # bucket, activations) back to the kernel when they are freed, and faults their
         # pages in again the next step. These keep them in the heap, as PyTorch's own CPU

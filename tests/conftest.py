@@ -9,6 +9,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -90,6 +91,22 @@ def dlaunch(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
     return subprocess.run(netns.command(*command) if netns else command, cwd=cwd or REPO,
                           env={**os.environ, **(env or {})}, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def one_rank(probe: str, *args: str) -> dict:
+    """Run the Python source ``probe`` as the one rank of a torchrun-style job (a gloo
+    process group of one, on a free port), in a process of its own: DeepSpeed and
+    Accelerate keep process-wide state. Its last line of output, read as JSON."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    env.pop("LOCAL_SIZE", None)  # DeepSpeed's; a probe gets the plan's, if any
+    done = subprocess.run([sys.executable, "-c", probe, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def only_run_dir(root: Path) -> Path:

@@ -6,16 +6,9 @@ Accelerate keep process-wide state)."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import one_rank
 
 PROBE = r"""
 import json, sys
@@ -69,22 +62,10 @@ print(json.dumps({"calls": calls, "loss": result.loss.item(), "changed_after": c
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize(("engine", "stage"), [("deepspeed", 0), ("deepspeed", 2), ("deepspeed", 3),
                                                ("accelerate", 0)])
 def test_the_loss_collective_sees_the_gradients_before_the_update(engine, stage):
-    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu",
-           "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", PROBE, engine, str(stage)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    seen = one_rank(PROBE, engine, str(stage))
     assert len(seen["calls"]) == 1, seen  # once a step, not once a micro-batch
     call = seen["calls"][0]
     assert call["loss"] == pytest.approx(seen["loss"])  # the mean over both micro-batches

@@ -292,6 +292,16 @@ def test_thread_and_allocator_settings_of_the_users_environment_win_and_are_reco
     assert plan(recipe()).env["OMP_NUM_THREADS"] == "8"  # without: this 8-core host's cores
 
 
+def test_cpu_ranks_tell_deepspeed_how_many_ranks_share_their_node():
+    # LOCAL_SIZE, as DeepSpeed's own launcher sets it for CPU ranks (its CPU accelerator's
+    # device count); tests/integration/test_deepspeed_cpu_env.py shows what it saves.
+    for backend, nodes, procs in (("local", 1, 2), ("local", 2, 1), ("slurm", 4, 3), ("ray", 2, 2)):
+        built = build_plan(recipe(), host=CPU, data=DIGITS, run_dir="runs/x", backend=backend, nodes=nodes,
+                           procs_per_node=procs)
+        assert built.env["LOCAL_SIZE"] == str(procs), backend
+    assert "LOCAL_SIZE" not in plan(recipe(cluster={"device": "cuda"}), host=GPU, data=BIG).env
+
+
 def test_cpu_ranks_keep_freed_memory_in_the_heap_and_gpu_ranks_are_left_alone():
     cpu = plan(recipe()).env
     assert cpu["MALLOC_MMAP_THRESHOLD_"] == cpu["MALLOC_TRIM_THRESHOLD_"] == str(1 << 30)
