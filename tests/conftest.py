@@ -1,6 +1,7 @@
-"""Shared helpers: run the real `dlaunch` CLI in a subprocess, read a run directory; the
-real Slurm cluster that tests/integration/slurm and tests/faults share (`slurm_cluster`,
-started once per session, whichever folder asks first)."""
+"""Shared helpers: run the real `dlaunch` CLI in a subprocess, run a probe as a one-rank
+job (`one_rank`), read a run directory; the real Slurm cluster that
+tests/integration/slurm and tests/faults share (`slurm_cluster`, started once per
+session, whichever folder asks first)."""
 
 from __future__ import annotations
 
