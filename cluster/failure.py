@@ -14,6 +14,7 @@ attempts, so that the job's output says why each one ended.
 from __future__ import annotations
 
 import fcntl
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -143,13 +144,22 @@ def agent_failure_report(run_dir: str, topology: Topology, pid: int, signum: int
                       *_log_tail(run_dir, rank)])
 
 
-def restart_line(run_dir: str, restart: int, max_restarts: int) -> str:
-    """`dlaunch: restarting (K of N) from checkpoint step-…`: where the trainer's resume
-    (launcher/checkpoint.py's `latest` pointer, read here without importing torch) will
-    pick up."""
+def _resume_point(run_dir: str) -> str:
+    """Where the trainer's resume will pick up: launcher/checkpoint.py's `latest`
+    pointer, read here without importing torch."""
     pointer = Path(run_dir) / CHECKPOINTS / "latest"
-    start = f"checkpoint {pointer.read_text().strip()}" if pointer.exists() else "the first step (no checkpoint yet)"
-    return f"dlaunch: restarting ({restart} of {max_restarts}) from {start}"
+    return f"checkpoint {pointer.read_text().strip()}" if pointer.exists() else "the first step (no checkpoint yet)"
+
+
+def restart_line(run_dir: str, restart: int, max_restarts: int) -> str:
+    """`dlaunch: restarting (K of N) from checkpoint step-…`."""
+    return f"dlaunch: restarting ({restart} of {max_restarts}) from {_resume_point(run_dir)}"
+
+
+def stopped_line(run_dir: str, signum: int) -> str:
+    """The last line of a run stopped by Ctrl-C or SIGTERM: how to continue it."""
+    return (f"dlaunch: stopped by {signal.Signals(signum).name}; "
+            f"`dlaunch run --resume {shlex.quote(run_dir)}` continues it from {_resume_point(run_dir)}")
 
 
 def out_of_restarts_line(max_restarts: int) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.launcher.api import elastic_launch
 from torch.distributed.run import config_from_args, parse_args
@@ -90,7 +91,12 @@ def fork_agents(nodes: int, pids_fd: int, argv: list[str]) -> None:
 def _run_agent(argv: list[str]) -> NoReturn:
     try:
         main(argv)
-    except BaseException:  # a failed rank (ChildFailedError), a stop signal: torchrun prints it and exits 1
+    except SignalException:
+        # Stopped (Ctrl-C or SIGTERM to dlaunch, Slurm ending the job): torch has logged
+        # it and stopped the ranks; torchrun's traceback of where the agent slept says
+        # nothing more. Exit 1, as torchrun does.
+        _exit(1)
+    except BaseException:  # a failed rank (ChildFailedError): torchrun prints it and exits 1
         traceback.print_exc()
         _exit(1)
     _exit(0)

@@ -2,7 +2,7 @@
 `dlaunch --help`, `validate` and `plan` never import torch.
 
 Exit codes follow torchrun and sbatch: 0 success, 1 the job failed, 2 bad input,
-130 interrupted.
+130 interrupted (Ctrl-C), 143 stopped by SIGTERM.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -536,8 +537,14 @@ def _launch_here(plan, args: argparse.Namespace) -> int:
     if plan.topology.backend == "local":
         from cluster.local import LocalBackend
 
-        return LocalBackend().submit(plan).wait()
-    return _launch_on_ray(plan, resumed=bool(args.resume))
+        code = LocalBackend().submit(plan).wait()
+    else:
+        code = _launch_on_ray(plan, resumed=bool(args.resume))
+    if code - 128 in (signal.SIGINT, signal.SIGTERM):
+        from cluster.failure import stopped_line
+
+        print(stopped_line(plan.run_dir, code - 128), file=sys.stderr)
+    return code
 
 
 def _launch_on_ray(plan, *, resumed: bool) -> int:

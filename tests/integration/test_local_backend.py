@@ -276,3 +276,34 @@ logging: {{run_root: {tmp_path / 'runs'}, progress: false, report: false}}
     while processes_holding(str(tmp_path)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert processes_holding(str(tmp_path)) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stopped_run_ends_with_the_command_that_resumes_it(tmp_path, sig):
+    """Ctrl-C or SIGTERM to `dlaunch run` once a checkpoint exists: exit 128+signal, no
+    agent's traceback, and a last line naming the resume command and its checkpoint."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""
+data: {{source: synthetic, samples: 64, num_features: 4, num_classes: 2}}
+model: {{name: mlp, kwargs: {{hidden: [8]}}}}
+train: {{micro_batch_size: 8, max_steps: 100000, checkpoint_every: 5, eval_every: 5}}
+logging: {{run_root: {tmp_path / 'runs'}, progress: false, report: false}}
+""")
+    launcher = subprocess.Popen([sys.executable, "-m", "launcher", "run", str(recipe), "--nodes", "2",
+                                 "--procs-per-node", "1"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + HANG_S
+        while not list(tmp_path.glob("runs/*/checkpoints/latest")):
+            assert launcher.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        launcher.send_signal(sig)
+        _, err = launcher.communicate(timeout=HANG_S)
+    finally:
+        launcher.kill()  # no-op once it has ended
+        launcher.wait()
+    assert launcher.returncode == 128 + sig
+    assert "Traceback" not in err
+    run_dir = next(tmp_path.glob("runs/*"))
+    checkpoint = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert err.splitlines()[-1] == (f"dlaunch: stopped by {sig.name}; `dlaunch run --resume {run_dir}` "
+                                    f"continues it from checkpoint {checkpoint}")
