@@ -156,10 +156,12 @@ def restart_line(run_dir: str, restart: int, max_restarts: int) -> str:
     return f"dlaunch: restarting ({restart} of {max_restarts}) from {_resume_point(run_dir)}"
 
 
-def stopped_line(run_dir: str, signum: int) -> str:
-    """The last line of a run stopped by Ctrl-C or SIGTERM: how to continue it."""
-    return (f"dlaunch: stopped by {signal.Signals(signum).name}; "
-            f"`dlaunch run --resume {shlex.quote(run_dir)}` continues it from {_resume_point(run_dir)}")
+def stopped_line(run_dir: str, code: int) -> str:
+    """The last line of a run that ended with ``code`` 130 (Ctrl-C) or 143 (SIGTERM, or
+    `dlaunch cancel` on Ray): how to continue it."""
+    how = "interrupted" if code == 128 + signal.SIGINT else "stopped"
+    return (f"dlaunch: {how}; `dlaunch run --resume {shlex.quote(run_dir)}` continues it from "
+            f"{_resume_point(run_dir)}")
 
 
 def out_of_restarts_line(max_restarts: int) -> str:

@@ -543,7 +543,7 @@ def _launch_here(plan, args: argparse.Namespace) -> int:
     if code - 128 in (signal.SIGINT, signal.SIGTERM):
         from cluster.failure import stopped_line
 
-        print(stopped_line(plan.run_dir, code - 128), file=sys.stderr)
+        print(stopped_line(plan.run_dir, code), file=sys.stderr)
     return code
 
 

@@ -305,5 +305,6 @@ logging: {{run_root: {tmp_path / 'runs'}, progress: false, report: false}}
     assert "Traceback" not in err
     run_dir = next(tmp_path.glob("runs/*"))
     checkpoint = (run_dir / "checkpoints" / "latest").read_text().strip()
-    assert err.splitlines()[-1] == (f"dlaunch: stopped by {sig.name}; `dlaunch run --resume {run_dir}` "
+    how = "interrupted" if sig == signal.SIGINT else "stopped"
+    assert err.splitlines()[-1] == (f"dlaunch: {how}; `dlaunch run --resume {run_dir}` "
                                     f"continues it from checkpoint {checkpoint}")

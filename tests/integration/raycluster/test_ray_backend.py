@@ -102,6 +102,8 @@ def test_status_logs_and_cancel_work_from_another_process(tmp_path, ray_cluster)
         cancel = ray_cluster.dlaunch("cancel", str(run_dir))
         assert cancel.returncode == 0, cancel.stderr
         assert driver.wait(60) == 128 + signal.SIGTERM
+        last_line = driver.stdout.read().splitlines()[-1]
+        assert last_line.startswith(f"dlaunch: stopped; `dlaunch run --resume {run_dir}` continues it from ")
     finally:
         if driver.poll() is None:
             driver.kill()
