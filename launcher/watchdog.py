@@ -37,6 +37,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple, NoReturn
 
+from launcher import build_lock
 from launcher.plan import LaunchPlan
 from launcher.progress import Phase, Position, RankProgress, read_position
 from launcher.rundir import hang_verdict
@@ -193,9 +194,15 @@ class Watchdog:
                         self._end()
 
     def _end(self) -> NoReturn:
-        positions = [read_position(self.run_dir, rank) for rank in range(self.world_size)]
-        verdict = self._verdict_of_peer() or self._publish(decide(positions, self.procs_per_node, self.timeouts))
         main = sys._current_frames().get(threading.main_thread().ident or 0)
+        verdict = self._verdict_of_peer()
+        if verdict is None:
+            positions = [read_position(self.run_dir, rank) for rank in range(self.world_size)]
+            verdict = decide(positions, self.procs_per_node, self.timeouts)
+            lock = build_lock.awaited(main)
+            if lock is not None:  # a hang no collective explains, and the fix is a file's name
+                verdict += f"; rank {self.rank} {lock.describe()}"
+            verdict = self._publish(verdict)
         if main is not None:  # where this rank stood: for the stuck rank, where it is stuck
             log.error("the main thread at the hang timeout (most recent call last):\n%s",
                       "".join(traceback.format_stack(main)).rstrip())

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, NoReturn
 
-from launcher import preemption
+from launcher import build_lock, preemption
 from launcher.errors import FinalFailure
 from launcher.plan import LaunchPlan, ScriptPlan
 from launcher.rundir import PLAN, rank_host, rank_lock, rank_log, rank_status, write_atomic
@@ -102,6 +102,7 @@ def _hold_life_lock(run_dir: Path, rank: int) -> IO[str]:
 
 def _stop_on_signal(run_dir: Path, rank: int) -> None:
     def stop(signum: int, frame: FrameType | None) -> None:
+        build_lock.release_held()  # else every later load of the op would wait for it
         write_status(run_dir, rank, f"terminated: {signal.Signals(signum).name}")
         log.warning("stopped by %s", signal.Signals(signum).name)
         logging.shutdown()
