@@ -540,11 +540,24 @@ def _launch_here(plan, args: argparse.Namespace) -> int:
         code = LocalBackend().submit(plan).wait()
     else:
         code = _launch_on_ray(plan, resumed=bool(args.resume))
-    if code - 128 in (signal.SIGINT, signal.SIGTERM):
+    stopped = code - 128 in (signal.SIGINT, signal.SIGTERM)
+    if code and plan.recipe.logging.mlflow.enabled:
+        _end_mlflow_run_left_running(plan, stopped)
+    if stopped:
         from cluster.failure import stopped_line
 
         print(stopped_line(plan.run_dir, code), file=sys.stderr)
     return code
+
+
+def _end_mlflow_run_left_running(plan, stopped: bool) -> None:
+    from launcher.sinks.mlflow import MlflowSink
+
+    try:
+        MlflowSink(plan).end_if_left_running(stopped)
+    except Exception as exc:  # the job's outcome stands; the message could hold a URI's secret
+        print(f"dlaunch: could not end the run in MLflow ({type(exc).__name__}); it may show as RUNNING",
+              file=sys.stderr)
 
 
 def _launch_on_ray(plan, *, resumed: bool) -> int:

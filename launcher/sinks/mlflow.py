@@ -3,7 +3,9 @@
 The hyperparameters become the run's params, recipe.yaml its artifact, every number of
 every record a metric at its step (`train/loss`, `eval/val_acc`), and the run ends
 FINISHED, FAILED (training raised) or KILLED (preempted; the resumed run continues the
-same MLflow run, whose id RUN_DIR/mlflow.json keeps).
+same MLflow run, whose id RUN_DIR/mlflow.json keeps). A run whose rank 0 could not say
+(killed, hung, stopped by Ctrl-C) is ended FAILED or KILLED by `dlaunch run` once the
+job is over.
 
 Where: `logging.mlflow.tracking_uri`, else MLFLOW_TRACKING_URI as MLflow reads it, else a
 SQLite store `<run_root>/mlruns/mlflow.db` (MLflow 3 refuses its old `./mlruns` file
@@ -123,3 +125,16 @@ class MlflowSink:
 
     def close(self, status: Status) -> None:
         self._client.set_terminated(self._run_id, RunStatus.to_string(_STATUS[status]))
+
+    def end_if_left_running(self, stopped: bool) -> None:
+        """Once a job has failed or been stopped: end its MLflow run FAILED (``stopped``:
+        KILLED) if rank 0 left it RUNNING. A rank killed, hung or stopped by a signal
+        exits without a word to MLflow, which has no heartbeat to notice; the run would
+        show as running for good."""
+        record = self._run_dir / MLFLOW_RUN
+        if not record.exists():  # rank 0 never got to start it
+            return
+        run_id = json.loads(record.read_text())["run_id"]
+        client = MlflowClient(tracking_uri=self._tracking_uri()[0])
+        if client.get_run(run_id).info.status == RunStatus.to_string(RunStatus.RUNNING):
+            client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED if stopped else RunStatus.FAILED))

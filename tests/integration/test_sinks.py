@@ -1,12 +1,15 @@
 """Real training runs logged to every sink at once, each read back through its own reader:
 MLflow's client, W&B's offline-run inspector, TensorBoard's event accumulator, and
-metrics.jsonl. A run that a stop policy ends is FAILED in MLflow and W&B alike."""
+metrics.jsonl. A run that a stop policy ends is FAILED in MLflow and W&B alike; one whose
+rank 0 is killed is FAILED in MLflow, and one stopped by Ctrl-C KILLED."""
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from tests.conftest import dlaunch, metrics, only_run_dir
+from tests.conftest import REPO, dlaunch, kill_after, metrics, only_run_dir
 from tests.integration.test_alerts import FAULTY_MODEL
 
 pytestmark = pytest.mark.integration
@@ -130,3 +133,36 @@ def test_a_run_a_stop_policy_ends_is_failed_in_mlflow_and_wandb(tmp_path):
     assert run.info.status == "FAILED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
     assert json.loads(wandb_inspect(run_dir, "--summary"))["state"] == "failed"
+
+
+def test_a_run_whose_rank_0_is_killed_is_failed_in_mlflow(tmp_path):
+    """Rank 0 SIGKILLed: nothing of the trainer tells MLflow; `dlaunch run` does, once the
+    job is over."""
+    result, _, _, run, _ = train(tmp_path, model="{name: mlp, kwargs: {hidden: [16]}}", log_every=1,
+                                 env=kill_after(5, rank=0))
+    assert result.returncode == 1
+    assert run.info.status == "FAILED"
+
+
+def test_a_run_stopped_by_ctrl_c_is_killed_in_mlflow(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.format(model="{name: mlp, kwargs: {hidden: [16]}}", root=tmp_path / "runs",
+                                    store=store, log_every=1).replace("max_steps: 20", "max_steps: 100000"))
+    launcher = subprocess.Popen([sys.executable, "-m", "launcher", "run", str(recipe), "--procs-per-node", "2"],
+                                cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(tmp_path.glob("runs/*/checkpoints/latest")):  # training: the MLflow run is open
+            assert launcher.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        launcher.send_signal(signal.SIGINT)
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()  # no-op once it has ended
+        launcher.wait()
+    assert launcher.returncode == 128 + signal.SIGINT, err[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("sinks").experiment_id])
+    assert run.info.status == "KILLED"
