@@ -102,7 +102,10 @@ def _hold_life_lock(run_dir: Path, rank: int) -> IO[str]:
 
 def _stop_on_signal(run_dir: Path, rank: int) -> None:
     def stop(signum: int, frame: FrameType | None) -> None:
-        build_lock.release_held()  # else every later load of the op would wait for it
+        try:
+            build_lock.release_held()  # else every later load of the op would wait for it
+        except Exception:  # the exit below must come, whatever befell the lock
+            log.warning("could not release a build lock", exc_info=True)
         write_status(run_dir, rank, f"terminated: {signal.Signals(signum).name}")
         log.warning("stopped by %s", signal.Signals(signum).name)
         logging.shutdown()
