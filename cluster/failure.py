@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import shlex
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -27,6 +28,9 @@ from launcher.rundir import CHECKPOINTS, PLAN, rank_host, rank_lock, rank_log, r
 LOG_TAIL = 20
 KILLED = "killed"
 """What a rank's end is called when it died still `running`: it had no chance to say."""
+FULL_BELOW_BYTES = 1 << 20
+"""Less room than this, and a file system is full for a rank's writes (a status line, a
+log record, a checkpoint's smallest file)."""
 
 
 def _read_status(run_dir: str, rank: int) -> str | None:
@@ -114,6 +118,18 @@ def _log_tail(run_dir: str, rank: int) -> list[str]:
     return [f"last lines of {log}:", *(f"  {line}" for line in tail)]
 
 
+def _full_disk(run_dir: str) -> str | None:
+    """Why a rank that ended without a word most likely did, when its run directory's
+    file system is full: a write failed there (a checkpoint, a log), and then so did the
+    status and log lines that would have said so."""
+    free = shutil.disk_usage(run_dir).free
+    if free >= FULL_BELOW_BYTES:
+        return None
+    return (f"it ended without a word, and the file system of {run_dir} is full ({free:,} bytes free): "
+            f"most likely it failed writing there; free space, and `dlaunch run --resume "
+            f"{shlex.quote(run_dir)}` continues from {_resume_point(run_dir)}")
+
+
 def rank_failure_report(run_dir: str, topology: Topology, rank: int, status: str) -> str:
     """`error: rank R (node K on HOST, local rank L) failed at step S (phase): why`, then
     the end of its log."""
@@ -122,7 +138,7 @@ def rank_failure_report(run_dir: str, topology: Topology, rank: int, status: str
     ended = "stopped" if status.startswith("stopped: ") else "failed"
     why = status.removeprefix(f"{ended}: ")
     if status == KILLED:
-        why = "killed before it could say why (SIGKILL, the OOM killer or a native crash)"
+        why = _full_disk(run_dir) or "killed before it could say why (SIGKILL, the OOM killer or a native crash)"
     where = f"node {node}{_on_host(run_dir, rank)}, local rank {local}"
     return "\n".join([f"error: rank {rank} ({where}) {ended}{_at_step(run_dir, rank)}: {why}",
                       *_log_tail(run_dir, rank)])

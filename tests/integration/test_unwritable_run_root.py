@@ -4,8 +4,11 @@ and exit code 2, and leaves nothing behind: no staging directory, no part of a r
 directory, no run root it made itself. (A regular file in the way of the run root is
 tests/integration/test_cli_errors.py::test_unwritable_run_dir.)
 
-The file systems are real: a 64 KiB tmpfs, filled or remounted read-only. Mounting needs
-root, as CI has; elsewhere these tests are skipped and say why."""
+A disk that fills mid-run is named as the cause of the failure, and the run resumes once
+there is room again.
+
+The file systems are real: a 64 KiB tmpfs, filled, grown or remounted read-only.
+Mounting needs root, as CI has; elsewhere these tests are skipped and say why."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import pytest
 
 from launcher import cli, rundir
 from launcher.errors import UsageError
-from tests.conftest import dlaunch
+from tests.conftest import dlaunch, metrics
 
 pytestmark = pytest.mark.integration
 
@@ -104,3 +107,31 @@ def test_a_read_only_file_system_is_refused_before_training_and_keeps_nothing(tm
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
     refused(run_on(tmp_path, tiny_fs / "runs"), "Read-only file system", tiny_fs / "runs")
     assert list((tiny_fs / "runs").iterdir()) == []
+
+
+def test_a_disk_that_fills_mid_run_is_named_and_the_run_resumes_once_there_is_room(tmp_path, tiny_fs):
+    """Room for the run dir and one checkpoint (about 1 MB each), not two: the second
+    fails on ENOSPC, and so do the status and log lines that would say so. The report
+    names the full file system, not an unexplained death; with room again, the resume
+    continues from the checkpoint that was written."""
+    subprocess.run(["mount", "-o", "remount,size=2m", str(tiny_fs)], check=True)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""name: full
+data: {{source: synthetic, samples: 256, num_features: 16, num_classes: 4}}
+model: {{name: mlp, kwargs: {{hidden: [256, 256]}}}}
+train: {{micro_batch_size: 8, max_steps: 20, checkpoint_every: 5, eval_every: 5}}
+logging: {{run_root: {tiny_fs / 'runs'}, progress: false, report: false}}
+""")
+    result = dlaunch("run", str(recipe), "--procs-per-node", "2", cwd=tmp_path)
+    assert result.returncode == 1
+    [run_dir] = (tiny_fs / "runs").iterdir()
+    error = next(line for line in result.stderr.splitlines() if line.startswith("error: "))
+    assert error.endswith(f"and the file system of {run_dir} is full (0 bytes free): most likely it failed "
+                          f"writing there; free space, and `dlaunch run --resume {run_dir}` continues from "
+                          "checkpoint step-00000005"), error
+
+    subprocess.run(["mount", "-o", "remount,size=16m", str(tiny_fs)], check=True)
+    resumed = dlaunch("run", "--resume", str(run_dir), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["step"] for r in metrics(run_dir, "resume")] == [5]
+    assert metrics(run_dir, "summary")[0]["steps"] == 20
