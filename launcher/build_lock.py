@@ -64,11 +64,14 @@ def _held_here() -> list[Path]:
 
 
 def _children() -> list[int]:
-    pids = []
-    for task in Path("/proc/self/task").iterdir():
+    """This process's children, from each process's parent in /proc (the kernel's own
+    list of children is a build option)."""
+    me, pids = os.getpid(), []
+    for proc in Path("/proc").iterdir():
         try:
-            pids += [int(pid) for pid in (task / "children").read_text().split()]
-        except OSError:  # the thread ended meanwhile
+            if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == me:
+                pids.append(int(proc.name))
+        except OSError:  # ended meanwhile
             pass
     return pids
 
