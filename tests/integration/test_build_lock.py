@@ -19,6 +19,7 @@ pytestmark = pytest.mark.integration
 # sources, takes the lock and runs ninja, whose compilers take seconds over torch's headers.
 BUILDING_RANK = """
 import sys
+from pathlib import Path
 from launcher import worker
 worker._stop_on_signal(Path(sys.argv[1]), 0)
 from torch.utils.cpp_extension import load_inline
