@@ -102,6 +102,11 @@ def _hold_life_lock(run_dir: Path, rank: int) -> IO[str]:
 
 def _stop_on_signal(run_dir: Path, rank: int) -> None:
     def stop(signum: int, frame: FrameType | None) -> None:
+        # One stop: the signal comes twice as a rule (to the agent's process group, then
+        # from the agent), and a second run of this handler inside the first would log
+        # to the handlers the first has closed.
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         try:
             build_lock.release_held()  # else every later load of the op would wait for it
         except Exception:  # the exit below must come, whatever befell the lock

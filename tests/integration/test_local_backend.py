@@ -301,8 +301,8 @@ logging: {{run_root: {tmp_path / 'runs'}, progress: false, report: false}}
     finally:
         launcher.kill()  # no-op once it has ended
         launcher.wait()
-    assert launcher.returncode == 128 + sig
-    assert "Traceback" not in err
+    assert launcher.returncode == 128 + sig, err
+    assert "Traceback" not in err, err
     run_dir = next(tmp_path.glob("runs/*"))
     checkpoint = (run_dir / "checkpoints" / "latest").read_text().strip()
     how = "interrupted" if sig == signal.SIGINT else "stopped"
