@@ -530,7 +530,23 @@ def _launch(plans: list, args: argparse.Namespace) -> int:
     if args.command == "submit":
         print("\n".join(job.job_id for job in jobs))
         return 0
-    return max(job.wait() for job in jobs)
+    try:
+        return max(job.wait() for job in jobs)
+    except KeyboardInterrupt:  # the job is Slurm's: Ctrl-C stops the wait, as `ray job submit`'s does
+        print(_still_running_line(jobs), file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+def _still_running_line(jobs: list) -> str:
+    import shlex
+
+    if len(jobs) > 1:
+        array = jobs[0].job_id.split("_")[0]
+        return (f"dlaunch: stopped waiting; Slurm array job {array} keeps running: `dlaunch status "
+                f"RUN_DIR` for each task, `scancel {array}` ends it")
+    run_dir = shlex.quote(jobs[0].run_dir)
+    return (f"dlaunch: stopped waiting; Slurm job {jobs[0].job_id} keeps running: `dlaunch logs -f "
+            f"{run_dir}` follows it, `dlaunch cancel {run_dir}` ends it")
 
 
 def _launch_here(plan, args: argparse.Namespace) -> int:
@@ -778,6 +794,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(err, file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C ends a wait (`logs -f`) as it ends `tail -f`: no traceback
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

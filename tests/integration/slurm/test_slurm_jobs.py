@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import TERMINAL, dlaunch, metrics, only_run_dir
+from tests.conftest import REPO, TERMINAL, dlaunch, metrics, only_run_dir
 
 SCRIPT_REPORTS_ENV = """\
 import json, os, sys
@@ -269,3 +272,45 @@ def test_logs_follow_prints_the_output_until_the_job_ends(slurm_cluster, tmp_pat
     assert [line for line in followed.stdout.splitlines() if line.startswith("tick")] == \
         [f"tick {i}" for i in range(5)]
     assert slurm_cluster.job(job_id)["JobState"] == "COMPLETED"
+
+
+def test_ctrl_c_stops_the_wait_and_the_follow_not_the_slurm_job(slurm_cluster, tmp_path):
+    """`dlaunch run --cluster slurm` waits for its job; Ctrl-C ends the wait (exit 130,
+    one line naming the job and how to follow or cancel it), not the job. So does Ctrl-C
+    to `dlaunch logs -f`."""
+    script = tmp_path / "sleepy.py"
+    script.write_text("import time\nprint('sleeping now', flush=True)\ntime.sleep(600)\n")
+    root = tmp_path / "runs"
+
+    def interrupted(*args: str) -> tuple[int, str]:
+        process = subprocess.Popen(slurm_cluster.command(sys.executable, "-m", "launcher", *args), cwd=REPO,
+                                   env=slurm_cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   text=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not (root.exists() and list(root.glob("*/logs/slurm-*.out"))
+                       and "sleeping now" in next(root.glob("*/logs/slurm-*.out")).read_text()):
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.5)
+            time.sleep(1)  # `logs -f` has printed and sleeps; `run` polls the job
+            process.send_signal(signal.SIGINT)
+            _, err = process.communicate(timeout=60)
+        finally:
+            process.kill()  # no-op once it has ended
+            process.wait()
+        return process.returncode, err
+
+    code, err = interrupted("run", "--cluster", "slurm", "--script", str(script), "--set", f"logging.run_root={root}")
+    run_dir = only_run_dir(root)
+    job_id = (run_dir / "slurm" / "job_id").read_text().strip()
+    try:
+        assert code == 130 and "Traceback" not in err, err
+        assert err.splitlines()[-1] == (f"dlaunch: stopped waiting; Slurm job {job_id} keeps running: "
+                                        f"`dlaunch logs -f {run_dir}` follows it, `dlaunch cancel {run_dir}` ends it")
+        assert slurm_cluster.job(job_id)["JobState"] == "RUNNING"
+        code, err = interrupted("logs", "-f", str(run_dir))
+        assert code == 130 and err == ""
+        assert slurm_cluster.job(job_id)["JobState"] == "RUNNING"
+    finally:
+        slurm_cluster.dlaunch("cancel", job_id)
+    assert wait_for(slurm_cluster, job_id) == "CANCELLED"
