@@ -609,6 +609,10 @@ def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
         print(render(plans[0], array=plans if len(plans) > 1 else []), end="")
         return 0
     if args.resume:
+        finished = _finished(plans[0])
+        if finished:
+            print(finished, file=sys.stderr)
+            return 0
         print(f"dlaunch: resuming {plans[0].run_dir}", file=sys.stderr)
     else:
         _create_run_dirs(planned)
@@ -618,6 +622,20 @@ def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
 
         print(format_summary(summarize([Path(plan.run_dir) for plan in plans])))
     return code
+
+
+def _finished(plan) -> str | None:
+    """`dlaunch: RUN_DIR finished ...` when the trainer ran the run to its end (its last
+    record, the summary, is written): a resume would only train nothing and record a
+    second, empty summary. None for a run to resume, and for a --script, whose own
+    checkpoints dlaunch does not know."""
+    from launcher.monitor import read_records
+
+    summaries = read_records(Path(plan.run_dir), "summary") if plan.script is None else []
+    if not summaries:
+        return None
+    how = "stopped early" if summaries[-1].get("stopped_early") else "done"
+    return f"dlaunch: {plan.run_dir} finished at step {summaries[-1]['step']} ({how}); nothing to resume"
 
 
 def _find_job(target: str):

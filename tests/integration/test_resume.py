@@ -67,6 +67,13 @@ def test_killed_and_resumed_run_ends_with_identical_weights(tmp_path, engine, st
     # The same evaluation at the end, to the last bit.
     assert metrics(run_dir, "summary")[-1]["val_loss"] == metrics(straight_dir, "summary")[-1]["val_loss"]
 
+    # A finished run has nothing to resume: it is said, and nothing starts or is recorded.
+    record = (run_dir / "metrics.jsonl").read_bytes()
+    again = dlaunch("run", "--resume", str(run_dir))
+    assert again.returncode == 0
+    assert again.stderr == f"dlaunch: {run_dir} finished at step 16 (done); nothing to resume\n"
+    assert (run_dir / "metrics.jsonl").read_bytes() == record
+
 
 
 def replan(run_dir: Path, override: str) -> None:
