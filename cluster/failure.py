@@ -173,8 +173,8 @@ def restart_line(run_dir: str, restart: int, max_restarts: int) -> str:
 
 
 def stopped_line(run_dir: str, code: int) -> str:
-    """The last line of a run that ended with ``code`` 130 (Ctrl-C) or 143 (SIGTERM, or
-    `dlaunch cancel` on Ray): how to continue it."""
+    """The last line of a run that ended with ``code`` 130 (Ctrl-C), 143 (SIGTERM, or
+    `dlaunch cancel` on Ray) or 129 (SIGHUP): how to continue it."""
     how = "interrupted" if code == 128 + signal.SIGINT else "stopped"
     return (f"dlaunch: {how}; `dlaunch run --resume {shlex.quote(run_dir)}` continues it from "
             f"{_resume_point(run_dir)}")

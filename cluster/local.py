@@ -39,7 +39,7 @@ from cluster.failure import (
     rank_failure_report,
     restart_line,
 )
-from cluster.process import Terminated, agent_module, worker_pythonpath
+from cluster.process import Terminated, agent_module, stop_signals, worker_pythonpath
 from launcher.faults import ATTEMPT_VAR
 from launcher.plan import LaunchPlan
 from launcher.rundir import rank_log, rank_progress, rank_status
@@ -175,7 +175,7 @@ class LocalJob:
         self._agents = _start_agents(plan, self.attempt)
         self.job_id = f"local-{self._agents[0].pid}"
         self._cancelled = False
-        self._signals: list[int] = []  # SIGINT / SIGTERM as they came, while wait() runs
+        self._signals: list[int] = []  # SIGINT / SIGTERM / SIGHUP as they came, while wait() runs
         # cancel() and wait() may stop (and wait() restart) the agents from two threads.
         self._stopping = threading.Lock()
 
@@ -217,14 +217,14 @@ class LocalJob:
         except KeyboardInterrupt:
             self._stop()
             return 128 + signal.SIGINT
-        except Terminated:
+        except Terminated as stopped:
             self._stop()
-            return 128 + signal.SIGTERM
+            return 128 + stopped.signum
         return 128 + signal.SIGTERM if self._cancelled else 0
 
     @contextlib.contextmanager
     def _noting_stop_signals(self) -> Iterator[None]:
-        """SIGINT and SIGTERM are noted, then acted on between two polls of the agents.
+        """SIGINT, SIGTERM and SIGHUP are noted, then acted on between two polls of the agents.
         Raised where they land, they could land inside Popen's bookkeeping and leave its
         wait lock taken, and the stop that follows would then wait for that agent forever.
         Handlers belong to the main thread; elsewhere (cancel()) the defaults stay."""
@@ -232,7 +232,7 @@ class LocalJob:
             yield
             return
         previous = {sig: signal.signal(sig, lambda signum, frame: self._signals.append(signum))
-                    for sig in (signal.SIGINT, signal.SIGTERM)}
+                    for sig in (signal.SIGINT, *stop_signals())}
         try:
             yield
         finally:
@@ -241,7 +241,7 @@ class LocalJob:
 
     def _act_on_signals(self) -> None:
         if self._signals:
-            raise KeyboardInterrupt if self._signals[0] == signal.SIGINT else Terminated
+            raise KeyboardInterrupt if self._signals[0] == signal.SIGINT else Terminated(self._signals[0])
 
     def _wait_attempt(self) -> tuple[str, bool] | None:
         """Block until this attempt's agents have all exited 0 (None), or until one

@@ -1,5 +1,5 @@
 """What every backend's launching process needs: the node agent's command, workers that
-import this launcher, and a SIGTERM that stops a job instead of orphaning it."""
+import this launcher, and a SIGTERM or SIGHUP that stops a job instead of orphaning it."""
 
 from __future__ import annotations
 
@@ -35,22 +35,35 @@ def worker_pythonpath() -> str | None:
 
 
 class Terminated(Exception):
-    """The launching process itself got SIGTERM."""
+    """The launching process itself got SIGTERM, or SIGHUP (its terminal went away)."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_signals() -> list[signal.Signals]:
+    """The signals that stop a job as Ctrl-C does: SIGTERM, and SIGHUP (a closed SSH
+    session), as torchrun's agent takes both; not SIGHUP under `nohup`, which ignores it."""
+    hangup = [] if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else [signal.SIGHUP]
+    return [signal.SIGTERM, *hangup]
 
 
 @contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """SIGTERM interrupts a wait as Ctrl-C does, so the job is stopped, not orphaned.
-    Signal handlers belong to the main thread; elsewhere the default stays."""
+def stop_signals_raise() -> Iterator[None]:
+    """SIGTERM and SIGHUP interrupt a wait as Ctrl-C does (raising Terminated), so the
+    job is stopped, not orphaned. Signal handlers belong to the main thread; elsewhere
+    the defaults stay."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def raise_terminated(signum: int, frame: FrameType | None) -> None:
-        raise Terminated
+        raise Terminated(signum)
 
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    previous = {sig: signal.signal(sig, raise_terminated) for sig in stop_signals()}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -35,7 +35,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.base import JobState
 from cluster.failure import Endings, rank_failure_report
-from cluster.process import Terminated, sigterm_raises, worker_pythonpath
+from cluster.process import Terminated, stop_signals_raise, worker_pythonpath
 from launcher.errors import UsageError
 from launcher.plan import LaunchPlan
 from launcher.rundir import RAY_JOB, rank_log, rank_status, write_atomic
@@ -213,12 +213,12 @@ class RayJob:
         the ranks (a sweep trial passes on new metrics from there)."""
         endings = Endings(self.run_dir, self.plan.topology.world_size)
         try:
-            with sigterm_raises():
+            with stop_signals_raise():
                 failed = self._first_failed_rank(endings, every_poll)
         except (KeyboardInterrupt, Terminated) as stopped:
             self._stop()
             self._end("CANCELLED")
-            return 128 + (signal.SIGINT if isinstance(stopped, KeyboardInterrupt) else signal.SIGTERM)
+            return 128 + (signal.SIGINT if isinstance(stopped, KeyboardInterrupt) else stopped.signum)
         except BaseException:
             # Whoever drives the job is going away (Tune stopping a trial exits its
             # thread): take the ranks down now rather than when Ray reaps the actors.

@@ -2,7 +2,7 @@
 `dlaunch --help`, `validate` and `plan` never import torch.
 
 Exit codes follow torchrun and sbatch: 0 success, 1 the job failed, 2 bad input,
-130 interrupted (Ctrl-C), 143 stopped by SIGTERM.
+130 interrupted (Ctrl-C), 143 stopped by SIGTERM, 129 by SIGHUP (the terminal closed).
 """
 
 from __future__ import annotations
@@ -556,7 +556,7 @@ def _launch_here(plan, args: argparse.Namespace) -> int:
         code = LocalBackend().submit(plan).wait()
     else:
         code = _launch_on_ray(plan, resumed=bool(args.resume))
-    stopped = code - 128 in (signal.SIGINT, signal.SIGTERM)
+    stopped = code - 128 in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     if code and plan.recipe.logging.mlflow.enabled:
         _end_mlflow_run_left_running(plan, stopped)
     if stopped:

@@ -221,10 +221,11 @@ sys.exit(LocalBackend().submit(plan).wait())
 """
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
-                         ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_a_signal_to_the_launcher_stops_the_job(tmp_path, sig, code):
-    """Ctrl-C (or a SIGTERM) to the launching process: the job stops, nothing stays."""
+    """Ctrl-C, a SIGTERM or a hangup (the SSH session closed) to the launching process:
+    the job stops, nothing stays."""
     plan = make_plan(tmp_path, SLEEP, nodes=1, procs=2)
     launcher = subprocess.Popen([sys.executable, "-c", CLI, str(Path(plan.run_dir) / PLAN)],
                                 cwd=REPO)
@@ -237,6 +238,28 @@ def test_a_signal_to_the_launcher_stops_the_job(tmp_path, sig, code):
         launcher.wait(HANG_S)
     for p in pids:
         assert gone(p["worker"]) and gone(p["agent"])
+
+
+WAIT_FOR_GO = """\
+(out / f"pids-{rank}.json").write_text(json.dumps({"worker": os.getpid(), "agent": os.getppid()}))
+while not (out / "go").exists():
+    time.sleep(0.05)
+"""
+
+
+def test_under_nohup_a_hangup_leaves_the_job_running(tmp_path):
+    """`nohup dlaunch run ...` ignores SIGHUP, and so does the job: it runs to its end."""
+    plan = make_plan(tmp_path, WAIT_FOR_GO, nodes=1, procs=2)
+    launcher = subprocess.Popen(["nohup", sys.executable, "-c", CLI, str(Path(plan.run_dir) / PLAN)], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until_running(plan, tmp_path / "out")
+        launcher.send_signal(signal.SIGHUP)
+        (tmp_path / "out" / "go").touch()
+        assert launcher.wait(HANG_S) == 0
+    finally:
+        launcher.kill()  # no-op once it has ended
+        launcher.wait()
 
 
 def forking_agents(root: str) -> bool:
