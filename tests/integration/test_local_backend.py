@@ -309,7 +309,8 @@ def test_a_stopped_run_ends_with_the_command_that_resumes_it(tmp_path, sig):
     recipe.write_text(f"""
 data: {{source: synthetic, samples: 64, num_features: 4, num_classes: 2}}
 model: {{name: mlp, kwargs: {{hidden: [8]}}}}
-train: {{micro_batch_size: 8, max_steps: 100000, checkpoint_every: 5, eval_every: 5}}
+train: {{micro_batch_size: 8, max_steps: 100000, checkpoint_every: 5, eval_every: 5,
+        early_stopping: {{patience: null}}}}
 logging: {{run_root: {tmp_path / 'runs'}, progress: false, report: false}}
 """)
     launcher = subprocess.Popen([sys.executable, "-m", "launcher", "run", str(recipe), "--nodes", "2",

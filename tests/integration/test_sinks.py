@@ -149,7 +149,7 @@ def test_a_run_stopped_by_ctrl_c_is_killed_in_mlflow(tmp_path):
     store.mkdir()
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE.format(model="{name: mlp, kwargs: {hidden: [16]}}", root=tmp_path / "runs",
-                                    store=store, log_every=1).replace("max_steps: 20", "max_steps: 100000"))
+                                    store=store, log_every=1).replace("max_steps: 20", "max_steps: 100000, early_stopping: {patience: null}"))
     launcher = subprocess.Popen([sys.executable, "-m", "launcher", "run", str(recipe), "--procs-per-node", "2"],
                                 cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
