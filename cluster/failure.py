@@ -50,6 +50,12 @@ def _alive(run_dir: str, rank: int) -> bool:
         return False  # closing the file drops the lock just taken
 
 
+def running_ranks(run_dir: str, world_size: int) -> list[int]:
+    """The ranks of the run in ``run_dir`` whose processes are alive now, wherever they
+    run: each holds its life lock until it ends."""
+    return [rank for rank in range(world_size) if rank_lock(run_dir, rank).exists() and _alive(run_dir, rank)]
+
+
 # Among ranks seen ending in the same poll: a hard death causes failures in its peers'
 # collectives, never the other way round; a signal we sent comes after both.
 _PRIORITY = {KILLED: 0, "failed": 1, "stopped": 1, "terminated": 2, "preempted": 2, "done": 3}

@@ -613,6 +613,7 @@ def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
         if finished:
             print(finished, file=sys.stderr)
             return 0
+        _refuse_a_running_run(plans[0])
         print(f"dlaunch: resuming {plans[0].run_dir}", file=sys.stderr)
     else:
         _create_run_dirs(planned)
@@ -636,6 +637,17 @@ def _finished(plan) -> str | None:
         return None
     how = "stopped early" if summaries[-1].get("stopped_early") else "done"
     return f"dlaunch: {plan.run_dir} finished at step {summaries[-1]['step']} ({how}); nothing to resume"
+
+
+def _refuse_a_running_run(plan) -> None:
+    """Before anything starts: a run whose ranks still run (another `dlaunch run`, a
+    Slurm or Ray job) is not resumed beside them."""
+    from cluster.failure import running_ranks
+
+    running = running_ranks(plan.run_dir, plan.topology.world_size)
+    if running:
+        raise UsageError(f"{plan.run_dir} is running: rank {running[0]}'s process holds "
+                         f"logs/rank-{running[0]}.lock; stop that run first", key="--resume")
 
 
 def _find_job(target: str):

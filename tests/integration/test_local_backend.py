@@ -23,7 +23,7 @@ from cluster.local import LocalBackend, LocalJob
 from launcher.plan import HostFacts, LaunchPlan, build_plan
 from launcher.recipe import Recipe
 from launcher.rundir import LOGS, PLAN, rank_status
-from tests.conftest import gone, processes_holding
+from tests.conftest import dlaunch, gone, processes_holding
 
 HOST = socket.gethostname()
 
@@ -258,8 +258,8 @@ def test_under_nohup_a_hangup_leaves_the_job_running(tmp_path):
         (tmp_path / "out" / "go").touch()
         assert launcher.wait(HANG_S) == 0
     finally:
-        launcher.kill()  # no-op once it has ended
-        launcher.wait()
+        launcher.terminate()  # no-op once it has ended; else it stops its job
+        launcher.wait(HANG_S)
 
 
 def forking_agents(root: str) -> bool:
@@ -302,9 +302,10 @@ logging: {{run_root: {tmp_path / 'runs'}, progress: false, report: false}}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_stopped_run_ends_with_the_command_that_resumes_it(tmp_path, sig):
-    """Ctrl-C or SIGTERM to `dlaunch run` once a checkpoint exists: exit 128+signal, no
-    agent's traceback, and a last line naming the resume command and its checkpoint."""
+def test_a_running_run_refuses_a_resume_and_once_stopped_names_the_command_that_resumes_it(tmp_path, sig):
+    """While it runs, a `--resume` of the run is refused before anything starts. Ctrl-C or
+    SIGTERM to `dlaunch run` once a checkpoint exists: exit 128+signal, no agent's
+    traceback, and a last line naming the resume command and its checkpoint."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"""
 data: {{source: synthetic, samples: 64, num_features: 4, num_classes: 2}}
@@ -320,14 +321,17 @@ logging: {{run_root: {tmp_path / 'runs'}, progress: false, report: false}}
         while not list(tmp_path.glob("runs/*/checkpoints/latest")):
             assert launcher.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
+        run_dir = next(tmp_path.glob("runs/*"))
+        second = dlaunch("run", "--resume", str(run_dir))
+        assert (second.returncode, second.stderr) == (2, f"error: --resume: {run_dir} is running: rank 0's "
+                                                         "process holds logs/rank-0.lock; stop that run first\n")
         launcher.send_signal(sig)
         _, err = launcher.communicate(timeout=HANG_S)
     finally:
-        launcher.kill()  # no-op once it has ended
-        launcher.wait()
+        launcher.terminate()  # no-op once it has ended; else it stops its job
+        launcher.wait(HANG_S)
     assert launcher.returncode == 128 + sig, err
     assert "Traceback" not in err, err
-    run_dir = next(tmp_path.glob("runs/*"))
     checkpoint = (run_dir / "checkpoints" / "latest").read_text().strip()
     how = "interrupted" if sig == signal.SIGINT else "stopped"
     assert err.splitlines()[-1] == (f"dlaunch: {how}; `dlaunch run --resume {run_dir}` "

@@ -160,8 +160,8 @@ def test_a_run_stopped_by_ctrl_c_is_killed_in_mlflow(tmp_path):
         launcher.send_signal(signal.SIGINT)
         _, err = launcher.communicate(timeout=120)
     finally:
-        launcher.kill()  # no-op once it has ended
-        launcher.wait()
+        launcher.terminate()  # no-op once it has ended; else it stops its job
+        launcher.wait(120)
     assert launcher.returncode == 128 + signal.SIGINT, err[-3000:]
     client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
     [run] = client.search_runs([client.get_experiment_by_name("sinks").experiment_id])
