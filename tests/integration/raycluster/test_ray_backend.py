@@ -113,6 +113,33 @@ def test_status_logs_and_cancel_work_from_another_process(tmp_path, ray_cluster)
     assert [(run_dir / "logs" / f"rank-{r}.status").read_text() for r in (0, 1)] == ["terminated: SIGTERM\n"] * 2
 
 
+def test_a_hangup_to_the_driver_stops_the_job(tmp_path, ray_cluster):
+    """SIGHUP (the driver's SSH session closed) stops the job as SIGTERM does, rather than
+    leaving its ranks to Ray with no driver: exit 129 and the stop line."""
+    recipe, root = write(tmp_path, "hangup", steps=100000)
+    driver = subprocess.Popen(ray_cluster.loopback.command(
+        sys.executable, "-m", "launcher", "run", str(recipe), "--cluster", "ray", "--address", ray_cluster.address,
+        "--nodes", "2"), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (root.exists() and any(not p.name.startswith(".") for p in root.iterdir())
+                   and (only_run_dir(root) / "metrics.jsonl").exists() and metrics(only_run_dir(root), "train")):
+            assert driver.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        run_dir = only_run_dir(root)
+        pids = [_pid_of_rank(run_dir, rank) for rank in (0, 1)]
+        driver.send_signal(signal.SIGHUP)
+        _, err = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.terminate()  # it stops its job
+            driver.wait(60)
+    assert driver.returncode == 128 + signal.SIGHUP, err[-3000:]
+    assert err.splitlines()[-1].startswith(f"dlaunch: stopped; `dlaunch run --resume {run_dir}` continues it from ")
+    assert ray_cluster.dlaunch("status", str(run_dir)).stdout.split()[1] == "CANCELLED"
+    assert all(gone(pid) for pid in pids)
+
+
 def test_without_an_address_a_ray_instance_runs_for_the_command(tmp_path, loopback):
     recipe, root = write(tmp_path, "embedded")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
