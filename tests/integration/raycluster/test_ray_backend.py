@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -80,19 +82,32 @@ def _pid_of_rank(run_dir: Path, rank: int) -> int:
     return int(line.rsplit("pid ", 1)[1])
 
 
-def test_status_logs_and_cancel_work_from_another_process(tmp_path, ray_cluster):
-    recipe, root = write(tmp_path, "long", steps=100000)
+@contextmanager
+def long_job(tmp_path: Path, ray_cluster, name: str, **output) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """(driver, run dir) of a `dlaunch run --cluster ray` of an endless job on two nodes,
+    once its ranks train; a driver still running at the end is stopped with its job.
+    ``output``: the driver's stdout and stderr, as Popen takes them."""
+    recipe, root = write(tmp_path, name, steps=100000)
     driver = subprocess.Popen(ray_cluster.loopback.command(
         sys.executable, "-m", "launcher", "run", str(recipe), "--cluster", "ray", "--address", ray_cluster.address,
-        "--nodes", "2"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        "--nodes", "2"), cwd=REPO, text=True, **output)
     try:
         deadline = time.monotonic() + 300
         # Not a hidden entry: the run directory is made under a dot-name and renamed into place.
         while not (root.exists() and any(not p.name.startswith(".") for p in root.iterdir())
-                   and (only_run_dir(root) / "metrics.jsonl").exists()):
-            assert driver.poll() is None and time.monotonic() < deadline, driver.stdout.read()
+                   and (only_run_dir(root) / "metrics.jsonl").exists() and metrics(only_run_dir(root), "train")):
+            assert driver.poll() is None and time.monotonic() < deadline, \
+                (driver.stdout or driver.stderr).read() if driver.poll() is not None else ""
             time.sleep(0.5)
-        run_dir = only_run_dir(root)
+        yield driver, only_run_dir(root)
+    finally:
+        if driver.poll() is None:
+            driver.terminate()  # it stops its job
+            driver.wait(60)
+
+
+def test_status_logs_and_cancel_work_from_another_process(tmp_path, ray_cluster):
+    with long_job(tmp_path, ray_cluster, "long", stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as (driver, run_dir):
         status = ray_cluster.dlaunch("status", str(run_dir))
         assert status.returncode == 0 and " RUNNING " in status.stdout, status.stdout + status.stderr
         log = ray_cluster.dlaunch("logs", str(run_dir), "--rank", "1")
@@ -104,10 +119,6 @@ def test_status_logs_and_cancel_work_from_another_process(tmp_path, ray_cluster)
         assert driver.wait(60) == 128 + signal.SIGTERM
         last_line = driver.stdout.read().splitlines()[-1]
         assert last_line.startswith(f"dlaunch: stopped; `dlaunch run --resume {run_dir}` continues it from ")
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
     assert ray_cluster.dlaunch("status", str(run_dir)).stdout.split()[1] == "CANCELLED"
     assert all(gone(pid) for pid in pids)
     assert [(run_dir / "logs" / f"rank-{r}.status").read_text() for r in (0, 1)] == ["terminated: SIGTERM\n"] * 2
@@ -116,24 +127,10 @@ def test_status_logs_and_cancel_work_from_another_process(tmp_path, ray_cluster)
 def test_a_hangup_to_the_driver_stops_the_job(tmp_path, ray_cluster):
     """SIGHUP (the driver's SSH session closed) stops the job as SIGTERM does, rather than
     leaving its ranks to Ray with no driver: exit 129 and the stop line."""
-    recipe, root = write(tmp_path, "hangup", steps=100000)
-    driver = subprocess.Popen(ray_cluster.loopback.command(
-        sys.executable, "-m", "launcher", "run", str(recipe), "--cluster", "ray", "--address", ray_cluster.address,
-        "--nodes", "2"), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not (root.exists() and any(not p.name.startswith(".") for p in root.iterdir())
-                   and (only_run_dir(root) / "metrics.jsonl").exists() and metrics(only_run_dir(root), "train")):
-            assert driver.poll() is None and time.monotonic() < deadline
-            time.sleep(0.5)
-        run_dir = only_run_dir(root)
+    with long_job(tmp_path, ray_cluster, "hangup", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as (driver, run_dir):
         pids = [_pid_of_rank(run_dir, rank) for rank in (0, 1)]
         driver.send_signal(signal.SIGHUP)
         _, err = driver.communicate(timeout=60)
-    finally:
-        if driver.poll() is None:
-            driver.terminate()  # it stops its job
-            driver.wait(60)
     assert driver.returncode == 128 + signal.SIGHUP, err[-3000:]
     assert err.splitlines()[-1].startswith(f"dlaunch: stopped; `dlaunch run --resume {run_dir}` continues it from ")
     assert ray_cluster.dlaunch("status", str(run_dir)).stdout.split()[1] == "CANCELLED"
