@@ -133,7 +133,7 @@ def _full_disk(run_dir: str) -> str | None:
         return None
     return (f"it ended without a word, and the file system of {run_dir} is full ({free:,} bytes free): "
             f"most likely it failed writing there; free space, and `dlaunch run --resume "
-            f"{shlex.quote(run_dir)}` continues from {_resume_point(run_dir)}")
+            f"{shlex.quote(run_dir)}` continues from {resume_point(run_dir)}")
 
 
 def rank_failure_report(run_dir: str, topology: Topology, rank: int, status: str) -> str:
@@ -166,7 +166,7 @@ def agent_failure_report(run_dir: str, topology: Topology, pid: int, signum: int
                       *_log_tail(run_dir, rank)])
 
 
-def _resume_point(run_dir: str) -> str:
+def resume_point(run_dir: str) -> str:
     """Where the trainer's resume will pick up: launcher/checkpoint.py's `latest`
     pointer, read here without importing torch."""
     pointer = Path(run_dir) / CHECKPOINTS / "latest"
@@ -175,15 +175,15 @@ def _resume_point(run_dir: str) -> str:
 
 def restart_line(run_dir: str, restart: int, max_restarts: int) -> str:
     """`dlaunch: restarting (K of N) from checkpoint step-…`."""
-    return f"dlaunch: restarting ({restart} of {max_restarts}) from {_resume_point(run_dir)}"
+    return f"dlaunch: restarting ({restart} of {max_restarts}) from {resume_point(run_dir)}"
 
 
-def stopped_line(run_dir: str, code: int) -> str:
+def stopped_line(code: int, resume_dir: str, continues: str) -> str:
     """The last line of a run that ended with ``code`` 130 (Ctrl-C), 143 (SIGTERM, or
-    `dlaunch cancel` on Ray) or 129 (SIGHUP): how to continue it."""
+    `dlaunch cancel` on Ray) or 129 (SIGHUP): the command that continues it, and how
+    (``continues``: "from checkpoint step-…", or for the folds of `--folds`, which)."""
     how = "interrupted" if code == 128 + signal.SIGINT else "stopped"
-    return (f"dlaunch: {how}; `dlaunch run --resume {shlex.quote(run_dir)}` continues it from "
-            f"{_resume_point(run_dir)}")
+    return f"dlaunch: {how}; `dlaunch run --resume {shlex.quote(resume_dir)}` continues it {continues}"
 
 
 def out_of_restarts_line(max_restarts: int) -> str:

@@ -200,6 +200,7 @@ def _make_plan(args: argparse.Namespace, script_args: list[str], stamp: str, fol
     """The plan, and where each recipe key came from (for errors found later); for a
     fold of --folds, in the folds' directory."""
     from launcher.data.facts import describe
+    from launcher.folds import fold_run_dir
     from launcher.host import detect_host
     from launcher.models.facts import model_facts
     from launcher.models.target import check_target_importable
@@ -227,7 +228,7 @@ def _make_plan(args: argparse.Namespace, script_args: list[str], stamp: str, fol
             raise UsageError(f"script {script!r} does not exist", key="--script")
         root = run_root(recipe, args.cluster or recipe.cluster.backend)
         run_dir = new_run_dir(root, recipe.name, stamp) if fold is None else \
-            new_run_dir(root, recipe.name, f"{stamp}-folds") / f"fold-{fold}"
+            fold_run_dir(new_run_dir(root, recipe.name, f"{stamp}-folds"), fold)
         plan = build_plan(recipe, host=detect_host(), data=data, run_dir=str(run_dir),
                           backend=args.cluster, nodes=args.nodes, procs_per_node=args.procs_per_node,
                           script=str(Path(script).resolve()) if script else None,
@@ -419,15 +420,21 @@ def _cmd_explain(args: argparse.Namespace, _: list[str]) -> int:
     return 0
 
 
-def _resumed_plan(run_dir: str):
+def _resumed_plans(target: str) -> tuple[list, Path | None]:
+    """The plan of the run directory ``target``; or, for the directory of a `--folds`
+    run, those of its folds, and that directory."""
+    from launcher.folds import fold_run_dirs
     from launcher.plan import LaunchPlan
     from launcher.rundir import PLAN
 
-    plan_file = Path(run_dir) / PLAN
+    plan_file = Path(target) / PLAN
+    folds = [] if plan_file.exists() else fold_run_dirs(Path(target))
+    if folds:
+        return [(LaunchPlan.from_json((run_dir / PLAN).read_text()), None) for run_dir in folds], Path(target)
     try:
-        return LaunchPlan.from_json(plan_file.read_text())
+        return [(LaunchPlan.from_json(plan_file.read_text()), None)], None
     except FileNotFoundError:
-        raise UsageError(f"{str(plan_file)!r} does not exist; is {run_dir!r} a dlaunch run "
+        raise UsageError(f"{str(plan_file)!r} does not exist; is {target!r} a dlaunch run "
                          "directory?", key="--resume") from None
 
 
@@ -446,26 +453,27 @@ def _grid(specs: list[str]) -> list[list[str]]:
     return [list(point) for point in itertools.product(*axes)]
 
 
-def _run_plans(args: argparse.Namespace, script_args: list[str]):
-    """The plans to launch (one, or one per grid point of --array) and the source map of
-    each one's recipe (None when resuming)."""
+def _run_plans(args: argparse.Namespace, script_args: list[str]) -> tuple[list, Path | None]:
+    """The plans to launch (one, one per grid point of --array, or one per fold) with the
+    source map of each one's recipe (None when resuming); and for folds, their directory."""
     if args.resume:
         if (args.recipe or args.overrides or args.script or args.nodes or args.procs_per_node
                 or args.cluster or args.array or args.address or args.folds):
             raise UsageError("--resume takes the run's own plan; give no recipe, --set, --array, "
                              "--folds, --script, --cluster, --address or topology flags with it",
                              key="--resume")
-        return [(_resumed_plan(args.resume), None)]
+        return _resumed_plans(args.resume)
     if args.recipe is None and args.script is None:
         raise UsageError("give a recipe to train, or --script to launch", key=args.command)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if args.folds is not None:
-        return _fold_plans(args, stamp)
+        planned = _fold_plans(args, stamp)
+        return planned, Path(planned[0][0].run_dir).parent
     if not args.array:
-        return [_make_plan(args, script_args, stamp)]
+        return [_make_plan(args, script_args, stamp)], None
     return [_make_plan(argparse.Namespace(**{**vars(args), "overrides": [*args.overrides, *point]}),
                        script_args, f"{stamp}-a{index}")
-            for index, point in enumerate(_grid(args.array))]
+            for index, point in enumerate(_grid(args.array))], None
 
 
 def _fold_plans(args: argparse.Namespace, stamp: str) -> list:
@@ -511,13 +519,19 @@ def _create_run_dirs(planned: list) -> None:
         print(f"dlaunch: run dir {run_dir}", file=sys.stderr)
 
 
-def _launch(plans: list, args: argparse.Namespace) -> int:
+_STOPPED_CODES = {128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGHUP}
+"""A job stopped by Ctrl-C, SIGTERM (or `dlaunch cancel` on Ray) or a hangup."""
+
+
+def _launch(plans: list, args: argparse.Namespace, folds_dir: Path | None) -> int:
     """Hand the plans to their backend; wait for the jobs unless this is `submit`. Here,
-    and on Ray, the plans (folds) run one after another, up to the first that fails; on
-    Slurm, several are one array job."""
+    and on Ray, the plans (folds) run one after another, up to the first that fails, and
+    a stop ends with the command that continues them; on Slurm, several are one array job."""
     if plans[0].topology.backend in ("local", "ray"):
-        for plan in plans:
+        for index, plan in enumerate(plans):
             code = _launch_here(plan, args)
+            if code in _STOPPED_CODES:
+                print(_stopped_line(code, plans[index:], folds_dir), file=sys.stderr)
             if code != 0:
                 return code
         return 0
@@ -556,14 +570,31 @@ def _launch_here(plan, args: argparse.Namespace) -> int:
         code = LocalBackend().submit(plan).wait()
     else:
         code = _launch_on_ray(plan, resumed=bool(args.resume))
-    stopped = code - 128 in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     if code and plan.recipe.logging.mlflow.enabled:
-        _end_mlflow_run_left_running(plan, stopped)
-    if stopped:
-        from cluster.failure import stopped_line
-
-        print(stopped_line(plan.run_dir, code), file=sys.stderr)
+        _end_mlflow_run_left_running(plan, stopped=code in _STOPPED_CODES)
     return code
+
+
+def _stopped_line(code: int, rest: list, folds_dir: Path | None) -> str:
+    """The stop line of ``rest[0]``, the run that stopped; ``rest`` also holds the folds
+    that were to follow it."""
+    from cluster.failure import resume_point, stopped_line
+
+    if folds_dir is None:
+        return stopped_line(code, rest[0].run_dir, f"from {resume_point(rest[0].run_dir)}")
+    return stopped_line(code, str(folds_dir), f"with {_fold_order(rest)}")
+
+
+def _fold_order(plans: list) -> str:
+    """What resuming these folds does: `fold 1 from checkpoint step-00000005, then folds 2, 3`."""
+    from cluster.failure import resume_point
+    from launcher.folds import fold_number
+
+    first, *later = [fold_number(plan.run_dir) for plan in plans]
+    order = f"fold {first} from {resume_point(plans[0].run_dir)}"
+    if later:
+        order += f", then fold{'s' if len(later) > 1 else ''} {', '.join(map(str, later))}"
+    return order
 
 
 def _end_mlflow_run_left_running(plan, stopped: bool) -> None:
@@ -594,7 +625,7 @@ def _launch_on_ray(plan, *, resumed: bool) -> int:
 
 
 def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
-    planned = _run_plans(args, script_args)
+    planned, folds_dir = _run_plans(args, script_args)
     plans = [plan for plan, _ in planned]
     slurm = plans[0].topology.backend == "slurm"
     if args.command == "submit" and not slurm:
@@ -609,20 +640,31 @@ def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
         print(render(plans[0], array=plans if len(plans) > 1 else []), end="")
         return 0
     if args.resume:
-        finished = _finished(plans[0])
-        if finished:
-            print(finished, file=sys.stderr)
-            return 0
-        _refuse_a_running_run(plans[0])
-        print(f"dlaunch: resuming {plans[0].run_dir}", file=sys.stderr)
+        plans = _left_to_resume(plans, folds_dir)
     else:
         _create_run_dirs(planned)
-    code = _launch(plans, args)
-    if args.folds is not None and code == 0 and args.command == "run":
-        from launcher.folds import format_summary, summarize
+    code = _launch(plans, args, folds_dir) if plans else 0
+    if folds_dir is not None and code == 0 and args.command == "run":
+        from launcher.folds import fold_run_dirs, format_summary, summarize
 
-        print(format_summary(summarize([Path(plan.run_dir) for plan in plans])))
+        print(format_summary(summarize(fold_run_dirs(folds_dir))))
     return code
+
+
+def _left_to_resume(plans: list, folds_dir: Path | None) -> list:
+    """The runs a `--resume` continues, said on one line: not those that finished, and
+    none while any of them still runs (refused)."""
+    finished = [_finished(plan) for plan in plans]
+    left = [plan for plan, done in zip(plans, finished) if done is None]
+    for plan in left:
+        _refuse_a_running_run(plan)
+    if folds_dir is None:
+        print(finished[0] or f"dlaunch: resuming {plans[0].run_dir}", file=sys.stderr)
+    elif left:
+        print(f"dlaunch: resuming {folds_dir}: {_fold_order(left)}", file=sys.stderr)
+    else:
+        print(f"dlaunch: {folds_dir}: all {len(plans)} folds finished; nothing to resume", file=sys.stderr)
+    return left
 
 
 def _finished(plan) -> str | None:

@@ -3,11 +3,14 @@ metric's mean and standard deviation over the folds.
 
 The fold runs live together: RUN_ROOT/<name>-<stamp>-folds/fold-<f>/, each an ordinary
 run directory (status, logs, --resume and eval work on it), and folds.json beside them.
+`dlaunch run --resume` of that folds directory continues the folds a stop or a failure
+left unfinished, in order, and then summarizes all of them.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ from typing import Any
 from launcher.errors import UsageError
 from launcher.monitor import read_records
 from launcher.recipe import DataConfig
-from launcher.rundir import write_atomic
+from launcher.rundir import PLAN, write_atomic
 
 SUMMARY = "folds.json"
 FOLDED = {"holdout": "kfold", "stratified": "stratified_kfold", "kfold": "kfold",
@@ -23,6 +26,25 @@ FOLDED = {"holdout": "kfold", "stratified": "stratified_kfold", "kfold": "kfold"
 """The strategy a recipe's folds use: a holdout recipe gets k-fold, a stratified one
 stratified k-fold; the folded strategies keep theirs."""
 REPORTED = ("val_loss", "val_acc")
+_FOLD_DIR = re.compile(r"fold-(\d+)")
+
+
+def fold_run_dir(folds_dir: Path, fold: int) -> Path:
+    return folds_dir / f"fold-{fold}"
+
+
+def fold_number(run_dir: str | Path) -> int | None:
+    """Which fold of a `--folds` run ``run_dir`` is; None for a run of its own."""
+    run_dir = Path(run_dir)
+    match = _FOLD_DIR.fullmatch(run_dir.name)
+    return int(match[1]) if match and run_dir.parent.name.endswith("-folds") else None
+
+
+def fold_run_dirs(folds_dir: Path) -> list[Path]:
+    """The run directories of a `--folds` run's folds, in fold order; [] for any other
+    directory."""
+    dirs = [plan.parent for plan in folds_dir.glob(f"fold-*/{PLAN}") if fold_number(plan.parent) is not None]
+    return sorted(dirs, key=fold_number)
 
 
 def fold_overrides(data: DataConfig, folds: int, fold: int) -> list[str]:

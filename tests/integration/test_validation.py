@@ -1,11 +1,17 @@
 """Cross-validation and the test split, end to end: `dlaunch run --folds K` trains every
-fold and reports mean ± std; `dlaunch eval` scores a finished run's weights, and only
-`--split test` reads the test rows."""
+fold and reports mean ± std, and a stopped one resumes from its folds directory;
+`dlaunch eval` scores a finished run's weights, and only `--split test` reads the test
+rows."""
 
 from __future__ import annotations
 
 import json
+import signal
 import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +21,7 @@ from launcher.recipe import DataConfig
 from tests.conftest import dlaunch, metrics, only_run_dir
 
 pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
 
 RECIPE = """
 name: cv
@@ -56,6 +63,52 @@ def test_folds_train_every_fold_and_report_mean_and_std(tmp_path):
     assert summary["val_acc"]["mean"] == pytest.approx(statistics.fmean(accs))
     assert summary["val_acc"]["std"] == pytest.approx(float(np.std(accs)))
     assert f"val_acc {statistics.fmean(accs):.4f} ± {np.std(accs):.4f} over 3 folds" in result.stdout
+
+
+def test_a_folds_run_stopped_midway_resumes_from_its_folds_directory(tmp_path):
+    """Ctrl-C in fold 1 of 3: the stop line names the folds directory, and `--resume` of
+    it leaves the finished fold 0 alone, continues fold 1 from its checkpoint, trains
+    fold 2 and summarizes all three; resumed once more, it has nothing left to run."""
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "run", str(write(tmp_path)), "--folds", "3", "--procs-per-node", "1",
+         "--set", "train.max_steps=600", "--set", "train.checkpoint_every=10"],
+        cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(tmp_path.glob("runs/*-folds/fold-1/checkpoints/latest")):
+            assert launcher.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        launcher.send_signal(signal.SIGINT)
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        launcher.terminate()  # no-op once it has ended; else it stops its job
+        launcher.wait(120)
+    assert launcher.returncode == 130, err[-3000:]
+    group = only_run_dir(tmp_path / "runs")
+    checkpoint = (group / "fold-1" / "checkpoints" / "latest").read_text().strip()
+    assert err.splitlines()[-1] == (f"dlaunch: interrupted; `dlaunch run --resume {group}` continues it "
+                                    f"with fold 1 from checkpoint {checkpoint}, then fold 2")
+    assert metrics(group / "fold-0", "summary") and not metrics(group / "fold-1", "summary")
+    fold_0 = (group / "fold-0" / "metrics.jsonl").read_bytes()
+
+    resumed = dlaunch("run", "--resume", str(group))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stderr.splitlines()[0] == (f"dlaunch: resuming {group}: fold 1 from checkpoint "
+                                              f"{checkpoint}, then fold 2")
+    assert (group / "fold-0" / "metrics.jsonl").read_bytes() == fold_0, "the finished fold trained again"
+    assert metrics(group / "fold-1", "resume")[0]["step"] == int(checkpoint.removeprefix("step-"))
+    accs = []
+    for fold in range(3):
+        [summary] = metrics(group / f"fold-{fold}", "summary")
+        assert summary["step"] == 600, f"fold {fold} stopped at step {summary['step']}"
+        accs.append(summary["val_acc"])
+    assert json.loads((group / "folds.json").read_text())["val_acc"]["mean"] == pytest.approx(statistics.fmean(accs))
+    assert f"val_acc {statistics.fmean(accs):.4f} ± {np.std(accs):.4f} over 3 folds" in resumed.stdout
+
+    again = dlaunch("run", "--resume", str(group))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr == f"dlaunch: {group}: all 3 folds finished; nothing to resume\n"
+    assert again.stdout == resumed.stdout
 
 
 def test_eval_scores_the_final_weights_and_only_test_reads_the_test_split(tmp_path):
