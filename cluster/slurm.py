@@ -23,13 +23,16 @@ from cluster.process import agent_module
 from launcher.errors import UsageError
 from launcher.plan import LaunchPlan
 from launcher.recipe import SlurmConfig
-from launcher.rundir import PLAN, rank_log, rank_status
+from launcher.rundir import LOGS, PLAN, rank_log, rank_status
 
 # Shipped inside the package (an installed dlaunch has no source tree); slurm/dlaunch.sbatch
 # in the repository links here.
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "dlaunch.sbatch"
 SCRIPT = "slurm/job.sbatch"
 JOB_ID = "slurm/job_id"
+TASK_LOGS = "slurm/task-logs"
+"""In an array job's first run directory: a link per task, named by its index, to that
+task's logs folder."""
 POLL_S = 2.0
 
 # Slurm's job states, in the protocol's words.
@@ -116,11 +119,13 @@ def _run_dir_export(plan: LaunchPlan, array: list[LaunchPlan]) -> tuple[str, str
     if not array:
         return f"export DLAUNCH_RUN_DIR={shlex.quote(plan.run_dir)}", f"{plan.run_dir}/logs/slurm-%j.out"
     dirs = " ".join(shlex.quote(p.run_dir) for p in array)
-    lines = ("# An array job: task N trains grid point N, in a run directory of its own.\n"
+    lines = ("# An array job: task N trains grid point (or fold) N, in a run directory of its own.\n"
              f"RUN_DIRS=({dirs})\n"
              'export DLAUNCH_RUN_DIR="${RUN_DIRS[$SLURM_ARRAY_TASK_ID]}"')
-    # sbatch expands %a (the task) but no shell variable: the run dirs end in -a<task>.
-    return lines, f"{plan.run_dir.removesuffix('-a0')}-a%a/logs/slurm-%A_%a.out"
+    # sbatch expands %a (the task) but no shell variable, and the tasks' run dirs are
+    # named as they come (grid points, folds, the unfinished folds a resume runs): each
+    # task's output goes through its link into its own run dir's logs.
+    return lines, f"{plan.run_dir}/{TASK_LOGS}/%a/slurm-%A_%a.out"
 
 
 def render(plan: LaunchPlan, *, python: str | None = None, cwd: str | None = None,
@@ -259,6 +264,11 @@ class SlurmBackend:
 
     def submit_array(self, plans: list[LaunchPlan]) -> list[SlurmJob]:
         """One array job, task N running plans[N]."""
+        links = Path(plans[0].run_dir) / TASK_LOGS
+        links.mkdir(parents=True, exist_ok=True)
+        for index, plan in enumerate(plans):  # a resume's array may replace an earlier one's
+            (links / str(index)).unlink(missing_ok=True)
+            (links / str(index)).symlink_to(Path(plan.run_dir) / LOGS, target_is_directory=True)
         job_id = self._sbatch(render(plans[0], array=plans), plans)
         jobs = []
         for index, plan in enumerate(plans):
@@ -271,8 +281,8 @@ def _run_dir_of(job_id: str) -> Path:
     """The run directory of a job, from where Slurm writes its output."""
     shown = run_command(["scontrol", "show", "job", "--oneliner", job_id], check=False)
     for field in shown.stdout.split():
-        if field.startswith("StdOut="):
-            return Path(field.split("=", 1)[1]).parent.parent
+        if field.startswith("StdOut="):  # RUN_DIR/logs/..., or an array task's link to it
+            return Path(field.split("=", 1)[1]).parent.resolve().parent
     raise UsageError(f"Slurm does not know job {job_id} (any more)", key="JOB")
 
 

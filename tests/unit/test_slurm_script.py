@@ -132,7 +132,7 @@ def test_array_script_picks_each_tasks_run_dir():
     plans = grid_plans([{"optim": {"lr": 1e-3}}, {"optim": {"lr": 1e-2}}])
     script = render(plans[0], array=plans)
     assert "#SBATCH --array=0-1" in script.splitlines()
-    assert "#SBATCH --output=/runs/grid-1-a%a/logs/slurm-%A_%a.out" in script.splitlines()
+    assert "#SBATCH --output=/runs/grid-1-a0/slurm/task-logs/%a/slurm-%A_%a.out" in script.splitlines()
     chosen = subprocess.run(["bash", "-c", script[script.index("RUN_DIRS="):].split("\n# The rendezvous")[0]
                              + '\nprintf %s "$DLAUNCH_RUN_DIR"'], env={"SLURM_ARRAY_TASK_ID": "1"},
                             capture_output=True, text=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, TERMINAL, dlaunch, metrics, only_run_dir
+from tests.conftest import REPO, TERMINAL, dlaunch, kill_after, metrics, only_run_dir
 
 SCRIPT_REPORTS_ENV = """\
 import json, os, sys
@@ -261,6 +261,35 @@ def test_array_job_trains_each_grid_point_in_its_own_run_dir(slurm_cluster, tmp_
         assert plan["recipe"]["optim"]["lr"] == lr
         assert metrics(run_dir, "summary")[0]["steps"] == 20
         assert (run_dir / "logs" / f"slurm-{jobs[index]}.out").exists()
+
+
+def test_folds_that_failed_on_slurm_resume_as_one_array_job_from_their_checkpoints(slurm_cluster, tmp_path):
+    recipe = tmp_path / "folds.yaml"
+    recipe.write_text(json.dumps({
+        "name": "cv", "model": {"name": "mlp", "kwargs": {"hidden": [32]}},
+        "data": {"source": "synthetic", "samples": 400, "num_features": 8, "num_classes": 3},
+        "precision": {"dtype": "fp32"}, "engine": {"name": "accelerate"},
+        "train": {"micro_batch_size": 16, "max_steps": 10, "checkpoint_every": 5, "max_restarts": 0,
+                  "early_stopping": {"patience": None}},
+        "logging": {"run_root": str(tmp_path / "runs"), "progress": False, "report": False},
+        "cluster": {"slurm": {"cpus_per_task": 1}}}))
+    failed = slurm_cluster.dlaunch("run", "--cluster", "slurm", str(recipe), "--folds", "2", env=kill_after(5))
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    group = only_run_dir(tmp_path / "runs")
+
+    resumed = slurm_cluster.dlaunch("run", "--resume", str(group))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stderr.splitlines()[0] == (f"dlaunch: resuming {group}: fold 0 from checkpoint "
+                                              "step-00000005, then fold 1")
+    tasks = [(group / f"fold-{fold}" / "slurm" / "job_id").read_text().strip() for fold in (0, 1)]
+    assert len({task.split("_")[0] for task in tasks}) == 1, f"the folds ran as separate jobs {tasks}"
+    # Each task wrote its output into its own run directory, which its job id names.
+    assert all((group / f"fold-{fold}" / "logs" / f"slurm-{tasks[fold]}.out").exists() for fold in (0, 1))
+    assert slurm_cluster.dlaunch("status", tasks[1]).stdout.split() == [tasks[1], "COMPLETED", str(group / "fold-1")]
+    for fold in (0, 1):
+        assert [r["step"] for r in metrics(group / f"fold-{fold}", "resume")] == [5]
+        assert metrics(group / f"fold-{fold}", "summary")[0]["steps"] == 10
+    assert "over 2 folds" in resumed.stdout and (group / "folds.json").exists()
 
 
 def test_logs_follow_prints_the_output_until_the_job_ends(slurm_cluster, tmp_path):
