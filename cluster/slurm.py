@@ -164,6 +164,7 @@ def render(plan: LaunchPlan, *, python: str | None = None, cwd: str | None = Non
         "container_exec": container_exec,
         "rdzv_timeout": str(topo.rdzv_timeout),
         "max_restarts": str(plan.recipe.train.max_restarts),
+        "end_mlflow_run": "1" if plan.recipe.logging.mlflow.enabled else "0",
         "signal": slurm.signal,
         "requeue": "1" if slurm.requeue else "0",
         # SIG_IGN survives exec; SIGTERM is the agent's to forward, so it stays.

@@ -571,7 +571,9 @@ def _launch_here(plan, args: argparse.Namespace) -> int:
     else:
         code = _launch_on_ray(plan, resumed=bool(args.resume))
     if code and plan.recipe.logging.mlflow.enabled:
-        _end_mlflow_run_left_running(plan, stopped=code in _STOPPED_CODES)
+        from launcher.sinks.mlflow import end_left_running
+
+        end_left_running(plan, stopped=code in _STOPPED_CODES)
     return code
 
 
@@ -595,16 +597,6 @@ def _fold_order(plans: list) -> str:
     if later:
         order += f", then fold{'s' if len(later) > 1 else ''} {', '.join(map(str, later))}"
     return order
-
-
-def _end_mlflow_run_left_running(plan, stopped: bool) -> None:
-    from launcher.sinks.mlflow import MlflowSink
-
-    try:
-        MlflowSink(plan).end_if_left_running(stopped)
-    except Exception as exc:  # the job's outcome stands; the message could hold a URI's secret
-        print(f"dlaunch: could not end the run in MLflow ({type(exc).__name__}); it may show as RUNNING",
-              file=sys.stderr)
 
 
 def _launch_on_ray(plan, *, resumed: bool) -> int:

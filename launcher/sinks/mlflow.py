@@ -4,8 +4,9 @@ The hyperparameters become the run's params, recipe.yaml its artifact, every num
 every record a metric at its step (`train/loss`, `eval/val_acc`), and the run ends
 FINISHED, FAILED (training raised) or KILLED (preempted; the resumed run continues the
 same MLflow run, whose id RUN_DIR/mlflow.json keeps). A run whose rank 0 could not say
-(killed, hung, stopped by Ctrl-C) is ended FAILED or KILLED by `dlaunch run` once the
-job is over.
+(killed, hung, stopped by Ctrl-C) is ended FAILED or KILLED once the job is over: by
+`dlaunch run`, and on Slurm by the batch script (`python -m launcher.sinks.mlflow
+RUN_DIR`), which `dlaunch submit` leaves to run alone.
 
 Where: `logging.mlflow.tracking_uri`, else MLFLOW_TRACKING_URI as MLflow reads it, else a
 SQLite store `<run_root>/mlruns/mlflow.db` (MLflow 3 refuses its old `./mlruns` file
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
 from launcher.plan import LaunchPlan
-from launcher.rundir import MLFLOW_RUN, RECIPE, run_root, write_atomic
+from launcher.rundir import MLFLOW_RUN, PLAN, RECIPE, run_root, write_atomic
 from launcher.sinks import Status, as_text, scalars
 
 log = logging.getLogger("launcher.sinks")
@@ -138,3 +140,18 @@ class MlflowSink:
         client = MlflowClient(tracking_uri=self._tracking_uri()[0])
         if client.get_run(run_id).info.status == RunStatus.to_string(RunStatus.RUNNING):
             client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED if stopped else RunStatus.FAILED))
+
+
+def end_left_running(plan: LaunchPlan, stopped: bool) -> None:
+    """`MlflowSink.end_if_left_running` for a job that is over, said in one line if
+    MLflow cannot be reached: the job's outcome stands, and the exception's message
+    could hold a URI's secret."""
+    try:
+        MlflowSink(plan).end_if_left_running(stopped)
+    except Exception as exc:
+        print(f"dlaunch: could not end the run in MLflow ({type(exc).__name__}); it may show as RUNNING",
+              file=sys.stderr)
+
+
+if __name__ == "__main__":  # the Slurm batch script, once a job has failed for good
+    end_left_running(LaunchPlan.from_json((Path(sys.argv[1]) / PLAN).read_text()), stopped=False)

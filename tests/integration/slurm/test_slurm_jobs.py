@@ -292,6 +292,40 @@ def test_folds_that_failed_on_slurm_resume_as_one_array_job_from_their_checkpoin
     assert "over 2 folds" in resumed.stdout and (group / "folds.json").exists()
 
 
+def tracked_job(slurm_cluster, tmp_path: Path, max_steps: int, env: dict[str, str] | None = None):
+    """A job that logs to an MLflow store of its own: its job id, run dir and client."""
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    recipe = tmp_path / "tracked.yaml"
+    recipe.write_text(json.dumps({
+        "name": "tracked", "model": {"name": "mlp", "kwargs": {"hidden": [16]}},
+        "data": {"source": "synthetic", "samples": 400, "num_features": 8, "num_classes": 3},
+        "precision": {"dtype": "fp32"}, "engine": {"name": "accelerate"},
+        "train": {"micro_batch_size": 16, "max_steps": max_steps, "early_stopping": {"patience": None}},
+        "logging": {"run_root": str(tmp_path / "runs"), "progress": False, "report": False, "log_every": 1,
+                    "mlflow": {"enabled": True, "tracking_uri": store}},
+        "cluster": {"slurm": {"cpus_per_task": 1}}}))
+    submitted = slurm_cluster.dlaunch("submit", "--cluster", "slurm", str(recipe), env=env)
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    return submitted.stdout.strip(), only_run_dir(tmp_path / "runs"), MlflowClient(tracking_uri=store)
+
+
+def mlflow_run(client):
+    [run] = client.search_runs([client.get_experiment_by_name("tracked").experiment_id])
+    return run
+
+
+def test_a_job_whose_rank_0_is_killed_is_failed_in_mlflow_by_its_batch_script(slurm_cluster, tmp_path):
+    """Rank 0 SIGKILLed tells MLflow nothing, and `dlaunch submit` does not wait to: the
+    batch script ends the run that would otherwise show as RUNNING for good."""
+    job_id, _, client = tracked_job(slurm_cluster, tmp_path, 20, env=kill_after(3))
+    assert wait_for(slurm_cluster, job_id) == "FAILED"
+    run = mlflow_run(client)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3]
+    assert run.info.status == "FAILED"
+
+
 def test_logs_follow_prints_the_output_until_the_job_ends(slurm_cluster, tmp_path):
     script = tmp_path / "ticks.py"
     script.write_text("import time\nfor i in range(5):\n    print(f'tick {i}', flush=True)\n    time.sleep(1)\n")
