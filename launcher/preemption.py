@@ -4,7 +4,9 @@ Under Slurm, the sbatch script names the signal (`--signal`, default USR2) in
 DLAUNCH_PREEMPT_SIGNAL. Each rank's handler only sets a flag; the trainer shares the
 flags of all ranks at the end of every step, so every rank sees the request at the same
 step, checkpoints there, and rank 0 requeues the job (`scontrol requeue`, as submitit
-does). The requeued job resumes from that checkpoint.
+does). The requeued job resumes from that checkpoint. SIGTERM, with which Slurm ends a
+job (cancelled, requeued by Slurm itself, out of time), also asks for a checkpoint, but
+requeues nothing.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ SIGNAL_VAR = "DLAUNCH_PREEMPT_SIGNAL"
 REQUEUE_VAR = "DLAUNCH_REQUEUE"
 
 requested = False
-# SIGTERM among the requests: Slurm is ending the job (a requeue, a time limit), and every
-# process of it, the node agents included, got the signal.
+# SIGTERM among the requests: Slurm is ending the job (a cancel, a requeue, a time limit),
+# and every process of it, the node agents included, got the signal.
 ending = False
 
 
@@ -48,11 +50,17 @@ def install() -> str | None:
 
 
 def requeue() -> bool:
-    """Put this Slurm job back in the queue. False when the job asked not to be, or
-    when Slurm refuses because the job is already on its way out (requeued by
-    `scontrol requeue`, preempted, or cancelled: then its own fate stands)."""
+    """Put this Slurm job back in the queue. False when the job asked not to be, when
+    Slurm refuses because the job is already on its way back (requeued by `scontrol
+    requeue`, preempted), and after a SIGTERM: that is how scancel (and `dlaunch cancel`)
+    ends a job, and Slurm requeues a cancelled batch job as readily as a running one, so
+    the cancel would not stick. As submitit does, only the preemption signal requeues;
+    a SIGTERM that comes with Slurm's own requeue needs none."""
     job = os.environ.get("SLURM_JOB_ID")
     if os.environ.get(REQUEUE_VAR) != "1" or not job:
+        return False
+    if ending:
+        log.warning("SIGTERM: job %s not requeued (a cancel, or Slurm's own requeue)", job)
         return False
     done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
     if done.returncode != 0:

@@ -326,6 +326,22 @@ def test_a_job_whose_rank_0_is_killed_is_failed_in_mlflow_by_its_batch_script(sl
     assert run.info.status == "FAILED"
 
 
+def test_a_training_job_that_dlaunch_cancel_ends_stays_cancelled_and_is_killed_in_mlflow(slurm_cluster, tmp_path):
+    """scancel SIGTERMs the ranks as a preemption does, and they checkpoint; but a
+    cancelled job is not requeued (Slurm would requeue it), and its MLflow run ends."""
+    job_id, run_dir, client = tracked_job(slurm_cluster, tmp_path, 100000)
+    try:
+        wait_until(lambda: records(run_dir, "train"), "the job never trained")
+        assert mlflow_run(client).info.status == "RUNNING"
+    finally:
+        cancelled = slurm_cluster.dlaunch("cancel", str(run_dir))
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert wait_for(slurm_cluster, job_id, timeout=120) == "CANCELLED"
+    assert slurm_cluster.job(job_id)["Restarts"] == "0"
+    assert not records(run_dir, "resume")
+    assert mlflow_run(client).info.status == "KILLED"
+
+
 def test_logs_follow_prints_the_output_until_the_job_ends(slurm_cluster, tmp_path):
     script = tmp_path / "ticks.py"
     script.write_text("import time\nfor i in range(5):\n    print(f'tick {i}', flush=True)\n    time.sleep(1)\n")
