@@ -278,6 +278,17 @@ class SlurmBackend:
         return jobs
 
 
+def unfinished_job(plan: LaunchPlan) -> SlurmJob | None:
+    """The run's last Slurm job (slurm/job_id) while Slurm has it pending or running:
+    one requeued, or held in the queue, has no rank running to show it."""
+    try:
+        job_id = (Path(plan.run_dir) / JOB_ID).read_text().strip()
+    except FileNotFoundError:
+        return None
+    job = SlurmJob(plan, job_id)
+    return job if job.status() in ("PENDING", "RUNNING") else None
+
+
 def _run_dir_of(job_id: str) -> Path:
     """The run directory of a job, from where Slurm writes its output."""
     shown = run_command(["scontrol", "show", "job", "--oneliner", job_id], check=False)

@@ -675,13 +675,22 @@ def _finished(plan) -> str | None:
 
 def _refuse_a_running_run(plan) -> None:
     """Before anything starts: a run whose ranks still run (another `dlaunch run`, a
-    Slurm or Ray job) is not resumed beside them."""
+    Slurm or Ray job), or whose Slurm job is still queued, is not resumed beside them."""
     from cluster.failure import running_ranks
 
     running = running_ranks(plan.run_dir, plan.topology.world_size)
     if running:
         raise UsageError(f"{plan.run_dir} is running: rank {running[0]}'s process holds "
                          f"logs/rank-{running[0]}.lock; stop that run first", key="--resume")
+    if plan.topology.backend == "slurm":
+        import shlex
+
+        from cluster.slurm import unfinished_job
+
+        job = unfinished_job(plan)
+        if job is not None:
+            raise UsageError(f"{plan.run_dir} is still Slurm job {job.job_id}'s ({job.status()}); wait for it "
+                             f"to end, or `dlaunch cancel {shlex.quote(plan.run_dir)}`", key="--resume")
 
 
 def _find_job(target: str):

@@ -228,6 +228,24 @@ def test_preempted_twice_requeues_resumes_and_ends_with_the_unpreempted_weights(
         assert torch.equal(expected[name], actual[name]), f"{name} differs after two preemptions"
 
 
+def test_a_run_whose_slurm_job_is_still_queued_refuses_a_resume(slurm_cluster, tmp_path):
+    """No rank of a pending job runs to hold a life lock: Slurm says it is not over."""
+    script = tmp_path / "sleepy.py"
+    script.write_text("import time\ntime.sleep(600)\n")
+    first = submit(slurm_cluster, "--script", str(script), "--set", f"logging.run_root={tmp_path / 'a'}")
+    waiting = submit(slurm_cluster, "--script", str(script), "--dependency", f"afterok:{first}",
+                     "--set", f"logging.run_root={tmp_path / 'b'}")
+    try:
+        run_dir = only_run_dir(tmp_path / "b")
+        resumed = slurm_cluster.dlaunch("run", "--resume", str(run_dir))
+        assert (resumed.returncode, resumed.stderr) == (
+            2, f"error: --resume: {run_dir} is still Slurm job {waiting}'s (PENDING); wait for it to end, "
+               f"or `dlaunch cancel {run_dir}`\n")
+    finally:
+        slurm_cluster.run("scancel", first, waiting)
+    assert [wait_for(slurm_cluster, job) for job in (first, waiting)] == ["CANCELLED", "CANCELLED"]
+
+
 def test_dependency_chains_jobs(slurm_cluster, tmp_path):
     first = tmp_path / "first.py"
     first.write_text("import pathlib, sys, time\ntime.sleep(3)\n"
