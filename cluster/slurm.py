@@ -278,15 +278,15 @@ class SlurmBackend:
         return jobs
 
 
-def unfinished_job(plan: LaunchPlan) -> SlurmJob | None:
-    """The run's last Slurm job (slurm/job_id) while Slurm has it pending or running:
-    one requeued, or held in the queue, has no rank running to show it."""
+def unfinished_job(plan: LaunchPlan) -> tuple[str, JobState] | None:
+    """The id and state of the run's last Slurm job (slurm/job_id) while Slurm has it
+    pending or running: one requeued, or held in the queue, has no rank running to show it."""
     try:
         job_id = (Path(plan.run_dir) / JOB_ID).read_text().strip()
     except FileNotFoundError:
         return None
-    job = SlurmJob(plan, job_id)
-    return job if job.status() in ("PENDING", "RUNNING") else None
+    state = SlurmJob(plan, job_id).status()
+    return (job_id, state) if state in ("PENDING", "RUNNING") else None
 
 
 def _run_dir_of(job_id: str) -> Path:

@@ -689,7 +689,7 @@ def _refuse_a_running_run(plan) -> None:
 
         job = unfinished_job(plan)
         if job is not None:
-            raise UsageError(f"{plan.run_dir} is still Slurm job {job.job_id}'s ({job.status()}); wait for it "
+            raise UsageError(f"{plan.run_dir} is still Slurm job {job[0]}'s ({job[1]}); wait for it "
                              f"to end, or `dlaunch cancel {shlex.quote(plan.run_dir)}`", key="--resume")
 
 
