@@ -94,6 +94,24 @@ def dlaunch(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
                           timeout=timeout)
 
 
+def stopped_run(*args: str, once: Callable[[], bool], sig: int = signal.SIGINT) -> tuple[int, str]:
+    """`dlaunch ARGS` started, and sent ``sig`` (Ctrl-C's) once ``once()`` holds: its exit
+    code and stderr."""
+    launcher = subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=REPO, stderr=subprocess.PIPE,
+                                text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not once():
+            assert launcher.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        launcher.send_signal(sig)
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        launcher.terminate()  # no-op once it has ended; else it stops its job
+        launcher.wait(120)
+    return launcher.returncode, err
+
+
 def one_rank(probe: str, *args: str) -> dict:
     """Run the Python source ``probe`` as the one rank of a torchrun-style job (a gloo
     process group of one, on a free port), in a process of its own: DeepSpeed and

@@ -9,7 +9,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from tests.conftest import REPO, dlaunch, kill_after, metrics, only_run_dir
+from tests.conftest import dlaunch, kill_after, metrics, only_run_dir, stopped_run
 from tests.integration.test_alerts import FAULTY_MODEL
 
 pytestmark = pytest.mark.integration
@@ -150,19 +149,10 @@ def test_a_run_stopped_by_ctrl_c_is_killed_in_mlflow(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE.format(model="{name: mlp, kwargs: {hidden: [16]}}", root=tmp_path / "runs",
                                     store=store, log_every=1).replace("max_steps: 20", "max_steps: 100000, early_stopping: {patience: null}"))
-    launcher = subprocess.Popen([sys.executable, "-m", "launcher", "run", str(recipe), "--procs-per-node", "2"],
-                                cwd=REPO, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not list(tmp_path.glob("runs/*/checkpoints/latest")):  # training: the MLflow run is open
-            assert launcher.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        launcher.send_signal(signal.SIGINT)
-        _, err = launcher.communicate(timeout=120)
-    finally:
-        launcher.terminate()  # no-op once it has ended; else it stops its job
-        launcher.wait(120)
-    assert launcher.returncode == 128 + signal.SIGINT, err[-3000:]
+    # Once training runs, the MLflow run is open.
+    code, err = stopped_run("run", str(recipe), "--procs-per-node", "2",
+                            once=lambda: bool(list(tmp_path.glob("runs/*/checkpoints/latest"))))
+    assert code == 128 + signal.SIGINT, err[-3000:]
     client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
     [run] = client.search_runs([client.get_experiment_by_name("sinks").experiment_id])
     assert run.info.status == "KILLED"

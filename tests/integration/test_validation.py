@@ -6,22 +6,16 @@ rows."""
 from __future__ import annotations
 
 import json
-import signal
 import statistics
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from launcher.data.splits import split_indices
 from launcher.recipe import DataConfig
-from tests.conftest import dlaunch, metrics, only_run_dir
+from tests.conftest import dlaunch, metrics, only_run_dir, stopped_run
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 
 RECIPE = """
 name: cv
@@ -69,21 +63,10 @@ def test_a_folds_run_stopped_midway_resumes_from_its_folds_directory(tmp_path):
     """Ctrl-C in fold 1 of 3: the stop line names the folds directory, and `--resume` of
     it leaves the finished fold 0 alone, continues fold 1 from its checkpoint, trains
     fold 2 and summarizes all three; resumed once more, it has nothing left to run."""
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "launcher", "run", str(write(tmp_path)), "--folds", "3", "--procs-per-node", "1",
-         "--set", "train.max_steps=600", "--set", "train.checkpoint_every=10"],
-        cwd=REPO, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not list(tmp_path.glob("runs/*-folds/fold-1/checkpoints/latest")):
-            assert launcher.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        launcher.send_signal(signal.SIGINT)
-        _, err = launcher.communicate(timeout=120)
-    finally:
-        launcher.terminate()  # no-op once it has ended; else it stops its job
-        launcher.wait(120)
-    assert launcher.returncode == 130, err[-3000:]
+    code, err = stopped_run("run", str(write(tmp_path)), "--folds", "3", "--procs-per-node", "1",
+                            "--set", "train.max_steps=600", "--set", "train.checkpoint_every=10",
+                            once=lambda: bool(list(tmp_path.glob("runs/*-folds/fold-1/checkpoints/latest"))))
+    assert code == 130, err[-3000:]
     group = only_run_dir(tmp_path / "runs")
     checkpoint = (group / "fold-1" / "checkpoints" / "latest").read_text().strip()
     assert err.splitlines()[-1] == (f"dlaunch: interrupted; `dlaunch run --resume {group}` continues it "
