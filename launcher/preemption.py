@@ -54,12 +54,13 @@ def requeue() -> bool:
     Slurm refuses because the job is already on its way back (requeued by `scontrol
     requeue`, preempted), and after a SIGTERM: that is how scancel (and `dlaunch cancel`)
     ends a job, and Slurm requeues a cancelled batch job as readily as a running one, so
-    the cancel would not stick. As submitit does, only the preemption signal requeues;
-    a SIGTERM that comes with Slurm's own requeue needs none."""
+    the cancel would not stick. As submitit does, only the preemption signal requeues
+    (SIGTERM itself when the recipe names TERM); a SIGTERM that comes with Slurm's own
+    requeue needs none."""
     job = os.environ.get("SLURM_JOB_ID")
     if os.environ.get(REQUEUE_VAR) != "1" or not job:
         return False
-    if ending:
+    if ending and os.environ.get(SIGNAL_VAR) != "TERM":
         log.warning("SIGTERM: job %s not requeued (a cancel, or Slurm's own requeue)", job)
         return False
     done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)

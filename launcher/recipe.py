@@ -495,7 +495,8 @@ class SlurmConfig(Section):
     """`--exclusive`: whole nodes."""
     signal: Literal["USR2", "USR1", "TERM"] = "USR2"
     """Signal Slurm sends before the time limit (and that preemption uses). USR2, as
-    submitit: NCCL installs its own SIGUSR1 handler."""
+    submitit: NCCL installs its own SIGUSR1 handler. Only this signal requeues the job:
+    TERM makes every SIGTERM requeue it, a cancel's (scancel) too."""
     signal_grace: int = Field(default=120, gt=0)
     """Seconds before the time limit at which the signal is sent: time for a checkpoint."""
     requeue: bool = True
