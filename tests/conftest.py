@@ -94,8 +94,8 @@ def dlaunch(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
                           timeout=timeout)
 
 
-def stopped_run(*args: str, once: Callable[[], bool], sig: int = signal.SIGINT) -> tuple[int, str]:
-    """`dlaunch ARGS` started, and sent ``sig`` (Ctrl-C's) once ``once()`` holds: its exit
+def stopped_run(*args: str, once: Callable[[], bool]) -> tuple[int, str]:
+    """`dlaunch ARGS` started, and sent Ctrl-C's SIGINT once ``once()`` holds: its exit
     code and stderr."""
     launcher = subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=REPO, stderr=subprocess.PIPE,
                                 text=True)
@@ -104,7 +104,7 @@ def stopped_run(*args: str, once: Callable[[], bool], sig: int = signal.SIGINT) 
         while not once():
             assert launcher.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
-        launcher.send_signal(sig)
+        launcher.send_signal(signal.SIGINT)
         _, err = launcher.communicate(timeout=120)
     finally:
         launcher.terminate()  # no-op once it has ended; else it stops its job
