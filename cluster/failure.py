@@ -128,12 +128,16 @@ def _full_disk(run_dir: str) -> str | None:
     """Why a rank that ended without a word most likely did, when its run directory's
     file system is full: a write failed there (a checkpoint, a log), and then so did the
     status and log lines that would have said so."""
+    from launcher.folds import fold_number
+
     free = shutil.disk_usage(run_dir).free
     if free >= FULL_BELOW_BYTES:
         return None
+    # A fold is resumed with the folds after it, and their summary: through its folds directory.
+    resume_dir = str(Path(run_dir).parent) if fold_number(run_dir) is not None else run_dir
     return (f"it ended without a word, and the file system of {run_dir} is full ({free:,} bytes free): "
             f"most likely it failed writing there; free space, and `dlaunch run --resume "
-            f"{shlex.quote(run_dir)}` continues from {resume_point(run_dir)}")
+            f"{shlex.quote(resume_dir)}` continues from {resume_point(run_dir)}")
 
 
 def rank_failure_report(run_dir: str, topology: Topology, rank: int, status: str) -> str:

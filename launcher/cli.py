@@ -526,12 +526,15 @@ _STOPPED_CODES = {128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGHUP
 def _launch(plans: list, args: argparse.Namespace, folds_dir: Path | None) -> int:
     """Hand the plans to their backend; wait for the jobs unless this is `submit`. Here,
     and on Ray, the plans (folds) run one after another, up to the first that fails, and
-    a stop ends with the command that continues them; on Slurm, several are one array job."""
+    a stop, or a failed fold, ends with the command that continues them; on Slurm,
+    several are one array job."""
     if plans[0].topology.backend in ("local", "ray"):
         for index, plan in enumerate(plans):
             code = _launch_here(plan, args)
             if code in _STOPPED_CODES:
                 print(_stopped_line(code, plans[index:], folds_dir), file=sys.stderr)
+            elif code != 0 and folds_dir is not None:
+                print(_failed_folds_line([plan], plans[index:], folds_dir), file=sys.stderr)
             if code != 0:
                 return code
         return 0
@@ -545,10 +548,14 @@ def _launch(plans: list, args: argparse.Namespace, folds_dir: Path | None) -> in
         print("\n".join(job.job_id for job in jobs))
         return 0
     try:
-        return max(job.wait() for job in jobs)
+        code = max(job.wait() for job in jobs)
     except KeyboardInterrupt:  # the job is Slurm's: Ctrl-C stops the wait, as `ray job submit`'s does
         print(_still_running_line(jobs), file=sys.stderr)
         return 128 + signal.SIGINT
+    failed = [plan for plan in plans if _finished(plan) is None] if code and folds_dir else []
+    if failed:  # the array's tasks end each on its own
+        print(_failed_folds_line(failed, failed, folds_dir), file=sys.stderr)
+    return code
 
 
 def _still_running_line(jobs: list) -> str:
@@ -585,6 +592,19 @@ def _stopped_line(code: int, rest: list, folds_dir: Path | None) -> str:
     if folds_dir is None:
         return stopped_line(code, rest[0].run_dir, f"from {resume_point(rest[0].run_dir)}")
     return stopped_line(code, str(folds_dir), f"with {_fold_order(rest)}")
+
+
+def _failed_folds_line(failed: list, rest: list, folds_dir: Path) -> str:
+    """The line that ends a run whose folds ``failed``, and says how a resume continues
+    ``rest``, the folds left: dlaunch: fold 0 failed; `dlaunch run --resume DIR` continues
+    the folds with fold 0 from checkpoint step-…, then folds 1, 2"""
+    import shlex
+
+    from launcher.folds import fold_number
+
+    numbers = ", ".join(str(fold_number(plan.run_dir)) for plan in failed)
+    return (f"dlaunch: fold{'s' if len(failed) > 1 else ''} {numbers} failed; `dlaunch run --resume "
+            f"{shlex.quote(str(folds_dir))}` continues the folds with {_fold_order(rest)}")
 
 
 def _fold_order(plans: list) -> str:
@@ -626,14 +646,15 @@ def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
         raise UsageError("--address is for --cluster ray", key="--address")
     if (args.dry_run or args.dependency or args.array) and not slurm:
         raise UsageError("--dry-run, --dependency and --array are for --cluster slurm", key="--cluster")
+    if args.resume:
+        plans = _left_to_resume(plans, folds_dir, dry_run=args.dry_run)
     if args.dry_run:
         from cluster.slurm import render
 
-        print(render(plans[0], array=plans if len(plans) > 1 else []), end="")
+        if plans:  # a resume's script runs only what is left
+            print(render(plans[0], array=plans if len(plans) > 1 else []), end="")
         return 0
-    if args.resume:
-        plans = _left_to_resume(plans, folds_dir)
-    else:
+    if not args.resume:
         _create_run_dirs(planned)
     code = _launch(plans, args, folds_dir) if plans else 0
     if folds_dir is not None and code == 0 and args.command == "run":
@@ -643,11 +664,14 @@ def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
     return code
 
 
-def _left_to_resume(plans: list, folds_dir: Path | None) -> list:
+def _left_to_resume(plans: list, folds_dir: Path | None, *, dry_run: bool) -> list:
     """The runs a `--resume` continues, said on one line: not those that finished, and
-    none while any of them still runs (refused)."""
+    none while any of them still runs (refused). A dry run, which starts nothing, only
+    says when nothing is left."""
     finished = [_finished(plan) for plan in plans]
     left = [plan for plan, done in zip(plans, finished) if done is None]
+    if left and dry_run:
+        return left
     for plan in left:
         _refuse_a_running_run(plan)
     if folds_dir is None:

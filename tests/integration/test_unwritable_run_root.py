@@ -18,8 +18,10 @@ import subprocess
 
 import pytest
 
+from cluster.failure import KILLED, rank_failure_report
 from launcher import cli, rundir
 from launcher.errors import UsageError
+from launcher.plan import Topology
 from tests.conftest import dlaunch, metrics
 
 pytestmark = pytest.mark.integration
@@ -135,3 +137,16 @@ logging: {{run_root: {tiny_fs / 'runs'}, progress: false, report: false}}
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["step"] for r in metrics(run_dir, "resume")] == [5]
     assert metrics(run_dir, "summary")[0]["steps"] == 20
+
+
+def test_a_fold_that_filled_the_disk_is_resumed_through_its_folds_directory(tiny_fs):
+    """Resuming the fold alone would leave the folds after it, and their summary, unrun."""
+    fold = tiny_fs / "runs" / "cv-20260101-000000-folds" / "fold-1"
+    (fold / "checkpoints").mkdir(parents=True)
+    (fold / "checkpoints" / "latest").write_text("step-00000005\n")
+    fill(tiny_fs, 0)
+    topology = Topology(backend="local", nodes=1, procs_per_node=1, world_size=1, device="cpu",
+                        dist_backend="gloo", rdzv_timeout=60)
+    report = rank_failure_report(str(fold), topology, 0, KILLED)
+    assert report.endswith(f"free space, and `dlaunch run --resume {fold.parent}` continues from "
+                           "checkpoint step-00000005"), report

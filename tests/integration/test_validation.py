@@ -1,5 +1,5 @@
 """Cross-validation and the test split, end to end: `dlaunch run --folds K` trains every
-fold and reports mean ± std, and a stopped one resumes from its folds directory;
+fold and reports mean ± std, and a stopped or failed one resumes from its folds directory;
 `dlaunch eval` scores a finished run's weights, and only `--split test` reads the test
 rows."""
 
@@ -13,7 +13,7 @@ import pytest
 
 from launcher.data.splits import split_indices
 from launcher.recipe import DataConfig
-from tests.conftest import dlaunch, metrics, only_run_dir, stopped_run
+from tests.conftest import dlaunch, kill_after, metrics, only_run_dir, stopped_run
 
 pytestmark = pytest.mark.integration
 
@@ -92,6 +92,19 @@ def test_a_folds_run_stopped_midway_resumes_from_its_folds_directory(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr == f"dlaunch: {group}: all 3 folds finished; nothing to resume\n"
     assert again.stdout == resumed.stdout
+
+
+def test_a_failed_fold_ends_the_folds_run_with_the_command_that_continues_them(tmp_path):
+    """Fold 0's rank killed after step 5 (no restarts): folds 1 and 2 do not run, and the
+    last line says how `--resume` of the folds directory continues all three."""
+    result = dlaunch("run", str(write(tmp_path)), "--folds", "3", "--procs-per-node", "1",
+                     "--set", "train.checkpoint_every=5", env=kill_after(5))
+    assert result.returncode == 1, result.stderr[-3000:]
+    group = only_run_dir(tmp_path / "runs")
+    assert result.stderr.splitlines()[-1] == (f"dlaunch: fold 0 failed; `dlaunch run --resume {group}` "
+                                              "continues the folds with fold 0 from checkpoint "
+                                              "step-00000005, then folds 1, 2")
+    assert not (group / "fold-1" / "metrics.jsonl").exists() and not (group / "folds.json").exists()
 
 
 def test_eval_scores_the_final_weights_and_only_test_reads_the_test_split(tmp_path):

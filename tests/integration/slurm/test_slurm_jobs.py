@@ -282,6 +282,9 @@ def test_array_job_trains_each_grid_point_in_its_own_run_dir(slurm_cluster, tmp_
 
 
 def test_folds_that_failed_on_slurm_resume_as_one_array_job_from_their_checkpoints(slurm_cluster, tmp_path):
+    """Every fold's rank 0 killed after step 5: the folds directory's resume runs what is
+    left (fold 0 was resumed on its own meanwhile) as one array job, and so does its
+    --dry-run's script, which once all are done has nothing left to show."""
     recipe = tmp_path / "folds.yaml"
     recipe.write_text(json.dumps({
         "name": "cv", "model": {"name": "mlp", "kwargs": {"hidden": [32]}},
@@ -291,23 +294,36 @@ def test_folds_that_failed_on_slurm_resume_as_one_array_job_from_their_checkpoin
                   "early_stopping": {"patience": None}},
         "logging": {"run_root": str(tmp_path / "runs"), "progress": False, "report": False},
         "cluster": {"slurm": {"cpus_per_task": 1}}}))
-    failed = slurm_cluster.dlaunch("run", "--cluster", "slurm", str(recipe), "--folds", "2", env=kill_after(5))
+    failed = slurm_cluster.dlaunch("run", "--cluster", "slurm", str(recipe), "--folds", "3", env=kill_after(5))
     assert failed.returncode == 1, failed.stderr[-3000:]
     group = only_run_dir(tmp_path / "runs")
+    assert failed.stderr.splitlines()[-1] == (f"dlaunch: folds 0, 1, 2 failed; `dlaunch run --resume {group}` "
+                                              "continues the folds with fold 0 from checkpoint step-00000005, "
+                                              "then folds 1, 2")
+    assert slurm_cluster.dlaunch("run", "--resume", str(group / "fold-0")).returncode == 0
+
+    dry = slurm_cluster.dlaunch("run", "--resume", str(group), "--dry-run")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert "#SBATCH --array=0-1" in dry.stdout and str(group / "fold-0") not in dry.stdout
+    assert all(str(group / f"fold-{fold}") in dry.stdout for fold in (1, 2))
 
     resumed = slurm_cluster.dlaunch("run", "--resume", str(group))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert resumed.stderr.splitlines()[0] == (f"dlaunch: resuming {group}: fold 0 from checkpoint "
-                                              "step-00000005, then fold 1")
-    tasks = [(group / f"fold-{fold}" / "slurm" / "job_id").read_text().strip() for fold in (0, 1)]
+    assert resumed.stderr.splitlines()[0] == (f"dlaunch: resuming {group}: fold 1 from checkpoint "
+                                              "step-00000005, then fold 2")
+    tasks = [(group / f"fold-{fold}" / "slurm" / "job_id").read_text().strip() for fold in (1, 2)]
     assert len({task.split("_")[0] for task in tasks}) == 1, f"the folds ran as separate jobs {tasks}"
     # Each task wrote its output into its own run directory, which its job id names.
-    assert all((group / f"fold-{fold}" / "logs" / f"slurm-{tasks[fold]}.out").exists() for fold in (0, 1))
-    assert slurm_cluster.dlaunch("status", tasks[1]).stdout.split() == [tasks[1], "COMPLETED", str(group / "fold-1")]
-    for fold in (0, 1):
+    assert all((group / f"fold-{fold}" / "logs" / f"slurm-{task}.out").exists() for fold, task in zip((1, 2), tasks))
+    assert slurm_cluster.dlaunch("status", tasks[1]).stdout.split() == [tasks[1], "COMPLETED", str(group / "fold-2")]
+    for fold in (0, 1, 2):
         assert [r["step"] for r in metrics(group / f"fold-{fold}", "resume")] == [5]
         assert metrics(group / f"fold-{fold}", "summary")[0]["steps"] == 10
-    assert "over 2 folds" in resumed.stdout and (group / "folds.json").exists()
+    assert "over 3 folds" in resumed.stdout and (group / "folds.json").exists()
+
+    done = slurm_cluster.dlaunch("run", "--resume", str(group), "--dry-run")
+    assert (done.returncode, done.stdout) == (0, ""), done.stderr[-3000:]
+    assert done.stderr == f"dlaunch: {group}: all 3 folds finished; nothing to resume\n"
 
 
 def tracked_job(slurm_cluster, tmp_path: Path, max_steps: int, env: dict[str, str] | None = None):
