@@ -500,12 +500,19 @@ def _fold_plans(args: argparse.Namespace, stamp: str) -> list:
 
 
 def _create_run_dirs(planned: list) -> None:
-    """All or none: a failure removes the run dirs this call already made."""
+    """All or none: a failure removes the run dirs this call already made. None is made
+    on a file system without room for a checkpoint (launcher/disk_room.py)."""
     import shutil
 
-    from launcher import rundir
+    from launcher import disk_room, rundir
     from launcher.recipe import locate
 
+    try:
+        short_of_room = disk_room.check([plan for plan, _ in planned], resuming=False)
+    except UsageError as err:
+        raise locate(err, planned[0][1]) from None
+    if short_of_room:
+        print(short_of_room, file=sys.stderr)
     made = []
     for plan, source in planned:
         try:
@@ -674,6 +681,10 @@ def _left_to_resume(plans: list, folds_dir: Path | None, *, dry_run: bool) -> li
         return left
     for plan in left:
         _refuse_a_running_run(plan)
+    if left:
+        from launcher import disk_room
+
+        disk_room.check(left, resuming=True)
     if folds_dir is None:
         print(finished[0] or f"dlaunch: resuming {plans[0].run_dir}", file=sys.stderr)
     elif left:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from launcher.data.facts import DataFacts
 from launcher.engine_config import TYPED_DEEPSPEED_ENTRIES, accelerate_kwargs, deepspeed_config
 from launcher.errors import UsageError
-from launcher.memory import MemoryEstimate, estimate, format_memory
+from launcher.memory import MemoryEstimate, amount, checkpoint_bytes, estimate, format_memory
 from launcher.models.counts import builtin_params
 from launcher.models.facts import ModelFacts, uses_transfer
 from launcher.recipe import DataConfig, EngineConfig, Recipe
@@ -527,6 +527,24 @@ def _memory_rows(plan: LaunchPlan) -> list[tuple[str, str]]:
     return [("memory", first), *(("", line) for line in more)]
 
 
+def checkpoint_size(plan: LaunchPlan) -> int | None:
+    """About how many bytes one of the run's checkpoints takes; None for a --script, or
+    a model whose parameters could not be counted."""
+    train = plan.training
+    if train is None or train.memory is None:
+        return None
+    return checkpoint_bytes(train.memory, engine=train.engine.name, zero_stage=train.engine.zero_stage)
+
+
+def _checkpoint_row(plan: LaunchPlan) -> list[tuple[str, str]]:
+    size = checkpoint_size(plan)
+    if size is None:
+        return []
+    keep = plan.recipe.train.keep_last
+    return [("checkpoints", f"≈ {amount(size)} each; up to {keep + 1} on disk, {amount(size * (keep + 1))} "
+                            f"(train.keep_last {keep}, and the one being written)")]
+
+
 def format_plan(plan: LaunchPlan) -> str:
     """The human table `dlaunch plan` prints."""
     topo = plan.topology
@@ -560,6 +578,7 @@ def format_plan(plan: LaunchPlan) -> str:
             ("engine", f"{e.name}, ZeRO stage {e.zero_stage}, {e.precision}"
                        + (f", {recipe.engine.strategy}" if e.name == "accelerate" else "")),
             *_memory_rows(plan),
+            *_checkpoint_row(plan),
         ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,4 +1,5 @@
-"""`dlaunch plan` prints each rank's model-state memory, and `--json` carries it."""
+"""`dlaunch plan` prints each rank's model-state memory, and `--json` carries it; and
+the size of a checkpoint (which tests/integration/test_checkpoint_room.py measures)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,12 @@ def test_plan_prints_the_model_states_per_rank(write_recipe):
         f"model states ≈ {(weights + grads + optimizer) / 1024:.1f} KiB per rank on cpu: parameters "
         f"{weights / 1024:.1f}, gradients {grads / 1024:.1f}, optimizer {optimizer / 1024:.1f} KiB = "
         "(2 + 2/4 + 12/4) bytes x Ψ (Ψ = 4.81K parameters, ZeRO-2 over 4 ranks)"]
+    # The weights and the optimizer's states, whole; 3 kept, and the next one written.
+    checkpoint = 2 * psi + 12 * psi
+    [row] = [line for line in result.stdout.splitlines() if line.startswith("checkpoints ")]
+    assert row.removeprefix("checkpoints").strip() == (
+        f"≈ {checkpoint / 1024:.1f} KiB each; up to 4 on disk, {4 * checkpoint / 1024:.1f} KiB "
+        "(train.keep_last 3, and the one being written)")
 
     offloaded = dlaunch("plan", str(recipe), "--nodes", "2", "--procs-per-node", "2", "--json",
                         "--set", "engine.offload_optimizer=true")

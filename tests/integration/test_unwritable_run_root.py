@@ -28,6 +28,7 @@ pytestmark = pytest.mark.integration
 
 RECIPE = """name: tiny
 data: {{source: synthetic, samples: 64, num_features: 4}}
+model: {{name: mlp, kwargs: {{hidden: [8]}}}}  # checkpoints of 1 KiB: room for them is not what is tested
 precision: {{dtype: fp32}}
 train: {{micro_batch_size: 8, max_steps: 2}}
 logging:
@@ -69,16 +70,27 @@ def run_on(tmp_path, run_root):
 def refused(result, reason: str, run_root) -> None:
     assert result.returncode == 2, result.stderr[-3000:]
     [line] = result.stderr.splitlines()
-    assert line.startswith(f"error: logging.run_root (line 6): cannot create run directory '{run_root}/tiny-")
+    assert line.startswith(f"error: logging.run_root (line 7): cannot create run directory '{run_root}/tiny-")
     assert line.endswith(f"': {reason}") and "Traceback" not in result.stderr
 
 
 def test_a_full_file_system_is_refused_before_training_and_keeps_nothing(tmp_path, tiny_fs):
-    for free_pages in (0, 2):  # nothing fits; plan.json fits, and the next file does not
-        fill(tiny_fs, free_pages)
-        refused(run_on(tmp_path, tiny_fs / "runs"), "No space left on device", tiny_fs / "runs")
-        assert sorted(p.name for p in tiny_fs.iterdir()) == ["filler"], "a part of the run dir was left"
-        assert os.statvfs(tiny_fs).f_bavail == free_pages
+    fill(tiny_fs, 2)  # room for a checkpoint, and for plan.json, but not for the next file
+    refused(run_on(tmp_path, tiny_fs / "runs"), "No space left on device", tiny_fs / "runs")
+    assert sorted(p.name for p in tiny_fs.iterdir()) == ["filler"], "a part of the run dir was left"
+    assert os.statvfs(tiny_fs).f_bavail == 2
+
+
+def test_a_file_system_without_room_for_one_checkpoint_is_refused_before_anything_is_written(tmp_path, tiny_fs):
+    """The run would train until its first checkpoint and fail there."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.format(root=tiny_fs / "runs").replace("hidden: [8]", "hidden: [512, 512]"))
+    result = dlaunch("run", str(recipe), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr == (f"error: logging.run_root (line 7): the file system of {tiny_fs / 'runs'} has 64.0 KiB "
+                             "free, and one checkpoint of this run takes about 4.1 MiB: free space, or put the "
+                             "run elsewhere\n")
+    assert list(tiny_fs.iterdir()) == []
 
 
 def test_running_out_of_space_at_any_write_of_the_run_dir_leaves_nothing(tmp_path, tiny_fs):
@@ -127,10 +139,20 @@ logging: {{run_root: {tiny_fs / 'runs'}, progress: false, report: false}}
     result = dlaunch("run", str(recipe), "--procs-per-node", "2", cwd=tmp_path)
     assert result.returncode == 1
     [run_dir] = (tiny_fs / "runs").iterdir()
+    assert result.stderr.startswith(f"dlaunch: the file system of {tiny_fs / 'runs'} has 2.0 MiB free, and the "
+                                    "checkpoints this command keeps take up to 3.8 MiB (973.1 KiB each, "
+                                    "train.keep_last 3, and the one being written): it may fail at a checkpoint "
+                                    "unless room is freed\n"), result.stderr[:3000]
     error = next(line for line in result.stderr.splitlines() if line.startswith("error: "))
     assert error.endswith(f"and the file system of {run_dir} is full (0 bytes free): most likely it failed "
                           f"writing there; free space, and `dlaunch run --resume {run_dir}` continues from "
                           "checkpoint step-00000005"), error
+
+    still_full = dlaunch("run", "--resume", str(run_dir), cwd=tmp_path)
+    assert still_full.returncode == 2, still_full.stderr[-3000:]
+    assert still_full.stderr.splitlines()[-1] == (f"error: --resume: the file system of {run_dir} has 0 B free, and "
+                                                  "one checkpoint of this run takes about 973.1 KiB: free space, or "
+                                                  "put the run elsewhere")
 
     subprocess.run(["mount", "-o", "remount,size=16m", str(tiny_fs)], check=True)
     resumed = dlaunch("run", "--resume", str(run_dir), cwd=tmp_path)
