@@ -508,11 +508,11 @@ def _create_run_dirs(planned: list) -> None:
     from launcher.recipe import locate
 
     try:
-        short_of_room = disk_room.check([plan for plan, _ in planned], resuming=False)
+        disk_room.refuse_without_room(planned[0][0], resuming=False)
     except UsageError as err:
         raise locate(err, planned[0][1]) from None
-    if short_of_room:
-        print(short_of_room, file=sys.stderr)
+    if line := disk_room.short_of_room([plan for plan, _ in planned]):
+        print(line, file=sys.stderr)
     made = []
     for plan, source in planned:
         try:
@@ -682,9 +682,9 @@ def _left_to_resume(plans: list, folds_dir: Path | None, *, dry_run: bool) -> li
     for plan in left:
         _refuse_a_running_run(plan)
     if left:
-        from launcher import disk_room
+        from launcher.disk_room import refuse_without_room
 
-        disk_room.check(left, resuming=True)
+        refuse_without_room(left[0], resuming=True)
     if folds_dir is None:
         print(finished[0] or f"dlaunch: resuming {plans[0].run_dir}", file=sys.stderr)
     elif left:
@@ -865,6 +865,11 @@ def _cmd_sweep(args: argparse.Namespace, _: list[str]) -> int:
         from cluster.tune_space import trial_scheduler
 
         trial_scheduler(spec, horizon(plans))  # refuses settings the trials' length rules out
+        if not args.resume:  # room for the checkpoint of the largest model the space holds
+            from launcher.disk_room import refuse_without_room
+            from launcher.plan import checkpoint_size
+
+            refuse_without_room(max(plans, key=lambda plan: checkpoint_size(plan) or 0), resuming=False)
     except UsageError as err:
         raise locate(err, source) from None
     if not args.resume:

@@ -24,24 +24,27 @@ def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(existing).free
 
 
-def check(plans: list[LaunchPlan], *, resuming: bool) -> str | None:
-    """Refuse ``plans`` (one run, or the grid points or folds of one command, which share
-    a run root) when one checkpoint does not fit; otherwise the line that says their
-    kept checkpoints do not, or None. ``resuming``: their checkpoints exist already,
-    and only the one being written needs room."""
-    size = checkpoint_size(plans[0])
-    if not size:
-        return None
-    run_dir = Path(plans[0].run_dir)
-    where = run_dir if resuming else run_dir.parent
-    free = _free_bytes(where)
-    if free < size:
+def refuse_without_room(plan: LaunchPlan, *, resuming: bool) -> None:
+    """Refuse the run of ``plan`` when one of its checkpoints does not fit. ``resuming``:
+    its run directory exists, and is where the room is looked for."""
+    size = checkpoint_size(plan)
+    where = Path(plan.run_dir) if resuming else Path(plan.run_dir).parent
+    if size and (free := _free_bytes(where)) < size:
         raise UsageError(f"the file system of {where} has {amount(free)} free, and one checkpoint of "
                          f"this run takes about {amount(size)}: free space, or put the run elsewhere",
                          key="--resume" if resuming else "logging.run_root")
-    keep = plans[0].recipe.train.keep_last
+
+
+def short_of_room(plans: list[LaunchPlan]) -> str | None:
+    """The line that says the checkpoints ``plans`` keep do not fit (one run, or the grid
+    points or folds of one command, which share a run root); None when they do."""
+    size = checkpoint_size(plans[0])
+    if not size:
+        return None
+    where = Path(plans[0].run_dir).parent
+    free, keep = _free_bytes(where), plans[0].recipe.train.keep_last
     kept = size * (len(plans) * keep + 1)
-    if resuming or free >= kept:
+    if free >= kept:
         return None
     runs = f", in each of {len(plans)} runs" if len(plans) > 1 else ""
     return (f"dlaunch: the file system of {where} has {amount(free)} free, and the checkpoints this "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 
 import pytest
@@ -121,6 +122,22 @@ def test_a_read_only_file_system_is_refused_before_training_and_keeps_nothing(tm
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
     refused(run_on(tmp_path, tiny_fs / "runs"), "Read-only file system", tiny_fs / "runs")
     assert list((tiny_fs / "runs").iterdir()) == []
+
+
+def test_a_sweep_whose_largest_model_has_no_room_for_a_checkpoint_is_refused_before_any_trial(tmp_path, tiny_fs):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.format(root=tiny_fs / "runs") + """engine: {name: accelerate}
+sweep:
+  metric: val_loss
+  space:
+    model.kwargs.hidden: {choice: [[8], [512, 512]]}
+""")
+    result = dlaunch("sweep", str(recipe), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert re.fullmatch(rf"error: logging\.run_root \(line 7\): the file system of {tiny_fs}/runs/tiny-sweep-"
+                        r"[0-9-]+/trials has 64\.0 KiB free, and one checkpoint of this run takes about 3\.1 MiB: "
+                        r"free space, or put the run elsewhere\n", result.stderr), result.stderr
+    assert list(tiny_fs.iterdir()) == []
 
 
 def test_a_disk_that_fills_mid_run_is_named_and_the_run_resumes_once_there_is_room(tmp_path, tiny_fs):
