@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,7 +167,10 @@ def _row(run: Run) -> dict[str, Any]:
     elif run.train:
         row["steps"] = max(r["step"] for r in run.train + run.eval)
         rates = [r["samples_per_s"] for r in run.train if _finite(r.get("samples_per_s"))]
-        row["samples_per_s"] = sum(rates) / len(rates) if rates else None
+        # As the trainer's summary reads its windows (launcher/flops.py, steady_rate): the
+        # median past the first, which holds the warm-up; one with an evaluation is left out.
+        steady = rates[1:] or rates
+        row["samples_per_s"] = statistics.median(steady) if steady else None
     return row
 
 
