@@ -82,6 +82,19 @@ def _pid_of_rank(run_dir: Path, rank: int) -> int:
     return int(line.rsplit("pid ", 1)[1])
 
 
+def test_folds_on_ray_run_one_job_after_another_and_are_summarized(tmp_path, ray_cluster):
+    recipe, root = write(tmp_path, "folds", "accelerate", 0)
+    result = ray_cluster.dlaunch("run", str(recipe), "--cluster", "ray", "--address", ray_cluster.address,
+                                 "--nodes", "2", "--procs-per-node", "1", "--folds", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    group = only_run_dir(root)
+    jobs = [json.loads((group / f"fold-{fold}" / "ray" / "job.json").read_text()) for fold in (0, 1)]
+    assert [job["state"] for job in jobs] == ["COMPLETED"] * 2 and jobs[0]["job_id"] != jobs[1]["job_id"]
+    accs = [metrics(group / f"fold-{fold}", "summary")[0]["val_acc"] for fold in (0, 1)]
+    assert json.loads((group / "folds.json").read_text())["val_acc"]["mean"] == pytest.approx(sum(accs) / 2)
+    assert "over 2 folds" in result.stdout
+
+
 @contextmanager
 def long_job(tmp_path: Path, ray_cluster, name: str, **output) -> Iterator[tuple[subprocess.Popen, Path]]:
     """(driver, run dir) of a `dlaunch run --cluster ray` of an endless job on two nodes,
