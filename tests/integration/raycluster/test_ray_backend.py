@@ -95,6 +95,32 @@ def test_folds_on_ray_run_one_job_after_another_and_are_summarized(tmp_path, ray
     assert "over 2 folds" in result.stdout
 
 
+def test_a_script_runs_as_two_ray_nodes_with_torchruns_environment(tmp_path, ray_cluster):
+    """`--script` on Ray: each rank the script under torchrun's variables, the two nodes'
+    ranks on two Ray nodes, one process group over both, the arguments after `--` its own."""
+    script = tmp_path / "report.py"
+    script.write_text(
+        "import json, os, sys\nimport torch.distributed as dist\n"
+        "dist.init_process_group('gloo')\n"
+        "keys = ['RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'NODE_RANK', 'GROUP_RANK']\n"
+        "seen = [None] * dist.get_world_size()\n"
+        "dist.all_gather_object(seen, {k: os.environ[k] for k in keys})\n"
+        "if dist.get_rank() == 0:\n"
+        "    json.dump({'ranks': seen, 'argv': sys.argv[1:]}, open(os.path.join(sys.argv[1], 'seen.json'), 'w'))\n"
+        "dist.destroy_process_group()\n")
+    result = ray_cluster.dlaunch("run", "--cluster", "ray", "--address", ray_cluster.address, "--script", str(script),
+                                 "--nodes", "2", "--procs-per-node", "2", "--set", f"logging.run_root={tmp_path / 'runs'}",
+                                 "--", str(tmp_path), "--flag")
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    assert seen["argv"] == [str(tmp_path), "--flag"]
+    assert [(r["RANK"], r["LOCAL_RANK"], r["NODE_RANK"], r["GROUP_RANK"]) for r in seen["ranks"]] == [
+        ("0", "0", "0", "0"), ("1", "1", "0", "0"), ("2", "0", "1", "1"), ("3", "1", "1", "1")]
+    assert {(r["WORLD_SIZE"], r["LOCAL_WORLD_SIZE"]) for r in seen["ranks"]} == {("4", "2")}
+    job = json.loads((only_run_dir(tmp_path / "runs") / "ray" / "job.json").read_text())
+    assert job["state"] == "COMPLETED" and len(set(job["ray_nodes"])) == 2
+
+
 @contextmanager
 def long_job(tmp_path: Path, ray_cluster, name: str, **output) -> Iterator[tuple[subprocess.Popen, Path]]:
     """(driver, run dir) of a `dlaunch run --cluster ray` of an endless job on two nodes,
