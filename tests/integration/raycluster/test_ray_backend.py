@@ -163,6 +163,35 @@ def test_status_logs_and_cancel_work_from_another_process(tmp_path, ray_cluster)
     assert [(run_dir / "logs" / f"rank-{r}.status").read_text() for r in (0, 1)] == ["terminated: SIGTERM\n"] * 2
 
 
+def test_a_ray_run_stopped_midway_resumes_on_the_cluster_its_plan_names(tmp_path, ray_cluster):
+    """Ctrl-C to the driver, then `dlaunch run --resume RUN_DIR` as the stop line says: no
+    --address (a resume takes none), the same cluster, from the checkpoint the stop left."""
+    recipe, root = write(tmp_path, "stopped", steps=300)
+    driver = subprocess.Popen(ray_cluster.loopback.command(
+        sys.executable, "-m", "launcher", "run", str(recipe), "--cluster", "ray", "--address", ray_cluster.address,
+        "--nodes", "2"), cwd=REPO, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(root.glob("*/checkpoints/latest")) and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        driver.send_signal(signal.SIGINT)
+        _, err = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 128 + signal.SIGINT, err[-3000:]
+    run_dir = only_run_dir(root)
+    checkpoint = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert err.splitlines()[-1] == (f"dlaunch: interrupted; `dlaunch run --resume {run_dir}` continues it "
+                                    f"from checkpoint {checkpoint}")
+
+    resumed = ray_cluster.dlaunch("run", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["checkpoint"] for r in metrics(run_dir, "resume")] == [checkpoint]
+    assert metrics(run_dir, "summary")[0]["steps"] == 300
+    assert json.loads((run_dir / "ray" / "job.json").read_text())["state"] == "COMPLETED"
+
+
 def test_a_hangup_to_the_driver_stops_the_job(tmp_path, ray_cluster):
     """SIGHUP (the driver's SSH session closed) stops the job as SIGTERM does, rather than
     leaving its ranks to Ray with no driver: exit 129 and the stop line."""
