@@ -172,9 +172,9 @@ def build_optimizer(plan: LaunchPlan, param_groups: list[dict], device: str) -> 
     if optim.name == "sgd":
         return torch.optim.SGD(param_groups, lr=lr, momentum=optim.momentum, nesterov=True)
     cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
-    # The fused kernel is CUDA-only; on CPU torch's foreach implementation is used. Nor
-    # does it take FSDP's sharded fp16 grad scaler, whose inf flag has a shape it refuses
-    # (seen on an H100).
+    # The fused kernel is CUDA-only; on CPU torch picks its default, the single-tensor
+    # loop (py-spy: _single_tensor_adam). Nor does the fused kernel take FSDP's sharded
+    # fp16 grad scaler, whose inf flag has a shape it refuses (seen on an H100).
     accelerate = plan.training.engine.accelerate or {}
     sharded_fp16 = accelerate.get("strategy") == "fsdp" and plan.training.engine.precision == "fp16"
     return cls(param_groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps,
