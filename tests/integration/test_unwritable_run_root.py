@@ -4,8 +4,9 @@ and exit code 2, and leaves nothing behind: no staging directory, no part of a r
 directory, no run root it made itself. (A regular file in the way of the run root is
 tests/integration/test_cli_errors.py::test_unwritable_run_dir.)
 
-A disk that fills mid-run is named as the cause of the failure, and the run resumes once
-there is room again.
+So is one without room for a single checkpoint (launcher/disk_room.py), for a run, a
+sweep's largest model or a resume. A disk that fills mid-run is named as the cause of
+the failure, and the run resumes once there is room again.
 
 The file systems are real: a 64 KiB tmpfs, filled, grown or remounted read-only.
 Mounting needs root, as CI has; elsewhere these tests are skipped and say why."""
