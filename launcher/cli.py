@@ -505,12 +505,15 @@ def _create_run_dirs(planned: list) -> None:
     import shutil
 
     from launcher import disk_room, rundir
+    from launcher.plan import checkpoint_size
     from launcher.recipe import locate
 
+    # Grid points may differ in their model: the largest one's checkpoint must fit.
+    largest, source = max(planned, key=lambda entry: checkpoint_size(entry[0]) or 0)
     try:
-        disk_room.refuse_without_room(planned[0][0], resuming=False)
+        disk_room.refuse_without_room(largest, resuming=False)
     except UsageError as err:
-        raise locate(err, planned[0][1]) from None
+        raise locate(err, source) from None
     if line := disk_room.short_of_room([plan for plan, _ in planned]):
         print(line, file=sys.stderr)
     made = []

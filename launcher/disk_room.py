@@ -38,15 +38,16 @@ def refuse_without_room(plan: LaunchPlan, *, resuming: bool) -> None:
 def short_of_room(plans: list[LaunchPlan]) -> str | None:
     """The line that says the checkpoints ``plans`` keep do not fit (one run, or the grid
     points or folds of one command, which share a run root); None when they do."""
-    size = checkpoint_size(plans[0])
-    if not size:
+    sizes = [checkpoint_size(plan) or 0 for plan in plans]
+    if not any(sizes):
         return None
     where = Path(plans[0].run_dir).parent
     free, keep = _free_bytes(where), plans[0].recipe.train.keep_last
-    kept = size * (len(plans) * keep + 1)
+    kept = sum(sizes) * keep + max(sizes)
     if free >= kept:
         return None
+    each = f"{amount(max(sizes))} each" if len(set(sizes)) == 1 else f"up to {amount(max(sizes))} each"
     runs = f", in each of {len(plans)} runs" if len(plans) > 1 else ""
     return (f"dlaunch: the file system of {where} has {amount(free)} free, and the checkpoints this "
-            f"command keeps take up to {amount(kept)} ({amount(size)} each, train.keep_last {keep}{runs}, "
+            f"command keeps take up to {amount(kept)} ({each}, train.keep_last {keep}{runs}, "
             "and the one being written): it may fail at a checkpoint unless room is freed")

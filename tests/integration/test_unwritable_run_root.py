@@ -141,6 +141,19 @@ sweep:
     assert list(tiny_fs.iterdir()) == []
 
 
+def test_a_grid_whose_largest_point_has_no_room_for_a_checkpoint_is_refused_before_submitting(tmp_path, tiny_fs):
+    """The first grid point's model fits; the second's does not. Refused before sbatch."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.format(root=tiny_fs / "runs"))
+    result = dlaunch("run", str(recipe), "--cluster", "slurm", "--array", "model.kwargs.hidden=[[8], [512, 512]]",
+                     cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr == (f"error: logging.run_root (line 7): the file system of {tiny_fs / 'runs'} has 64.0 KiB "
+                             "free, and one checkpoint of this run takes about 4.1 MiB: free space, or put the "
+                             "run elsewhere\n")
+    assert list(tiny_fs.iterdir()) == []
+
+
 def test_a_disk_that_fills_mid_run_is_named_and_the_run_resumes_once_there_is_room(tmp_path, tiny_fs):
     """Room for the run dir and one checkpoint (about 1 MB each), not two: the second
     fails on ENOSPC, and so do the status and log lines that would say so. The report
