@@ -3,9 +3,10 @@ before anything starts: a run that cannot write one trains until its first check
 and fails there, hours in, with the work since its start lost.
 
 A checkpoint's size is estimated from the model states (launcher/memory.py). Less room
-than one checkpoint is refused; less than the checkpoints the run keeps is said on one
-line, and the run starts: room may be freed before it is needed. `df`'s figure is what
-counts, as for any write; a quota below it is not seen here.
+than one checkpoint is refused; less than what the run keeps (its checkpoints, final
+weights and snapshots) is said on one line, and the run starts: room may be freed
+before it is needed. `df`'s figure is what counts, as for any write; a quota below it is
+not seen here.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from launcher.errors import UsageError
 from launcher.memory import amount
-from launcher.plan import LaunchPlan, checkpoint_size
+from launcher.plan import LaunchPlan, checkpoint_size, weights_size
 
 
 def _free_bytes(path: Path) -> int:
@@ -36,18 +37,24 @@ def refuse_without_room(plan: LaunchPlan, *, resuming: bool) -> None:
 
 
 def short_of_room(plans: list[LaunchPlan]) -> str | None:
-    """The line that says the checkpoints ``plans`` keep do not fit (one run, or the grid
-    points or folds of one command, which share a run root); None when they do."""
+    """The line that says what ``plans`` keep on disk does not fit (one run, or the grid
+    points or folds of one command, which share a run root): the checkpoints, the one
+    being written, the final weights and any snapshots. None when it fits."""
     sizes = [checkpoint_size(plan) or 0 for plan in plans]
     if not any(sizes):
         return None
+    weights = [weights_size(plan) or 0 for plan in plans]
+    snapshots = [len(plan.training.steps.snapshots) if plan.training else 0 for plan in plans]
     where = Path(plans[0].run_dir).parent
     free, keep = _free_bytes(where), plans[0].recipe.train.keep_last
-    kept = sum(sizes) * keep + max(sizes)
+    kept = sum(size * keep + w * (1 + n) for size, w, n in zip(sizes, weights, snapshots, strict=True)) + max(sizes)
     if free >= kept:
         return None
-    each = f"{amount(max(sizes))} each" if len(set(sizes)) == 1 else f"up to {amount(max(sizes))} each"
+    up_to = "" if len(set(sizes)) == 1 else "up to "
+    parts = [f"checkpoints of {up_to}{amount(max(sizes))}, train.keep_last {keep} and the one being written",
+             f"the final weights, {up_to}{amount(max(weights))}"]
+    if any(snapshots):
+        parts.append(f"{max(snapshots)} snapshots of the weights' size")
     runs = f", in each of {len(plans)} runs" if len(plans) > 1 else ""
-    return (f"dlaunch: the file system of {where} has {amount(free)} free, and the checkpoints this "
-            f"command keeps take up to {amount(kept)} ({each}, train.keep_last {keep}{runs}, "
-            "and the one being written): it may fail at a checkpoint unless room is freed")
+    return (f"dlaunch: the file system of {where} has {amount(free)} free, and the files this command keeps "
+            f"take up to {amount(kept)} ({'; '.join(parts)}{runs}): writing them may fail unless room is freed")

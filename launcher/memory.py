@@ -130,6 +130,12 @@ def checkpoint_bytes(memory: MemoryEstimate, *, engine: str, zero_stage: int) ->
                if s.state == "optimizer" or (s.state == "parameters" and weights_saved))
 
 
+def weights_bytes(memory: MemoryEstimate) -> int:
+    """What the final weights (model.pt) and each snapshot take on disk: every parameter
+    whole, in fp32 whatever the training precision (`Engine.full_state_dict`)."""
+    return 4 * memory.params
+
+
 # -- as `dlaunch plan` prints it --------------------------------------------------------
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")

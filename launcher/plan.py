@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from launcher.data.facts import DataFacts
 from launcher.engine_config import TYPED_DEEPSPEED_ENTRIES, accelerate_kwargs, deepspeed_config
 from launcher.errors import UsageError
-from launcher.memory import MemoryEstimate, amount, checkpoint_bytes, estimate, format_memory
+from launcher.memory import MemoryEstimate, amount, checkpoint_bytes, estimate, format_memory, weights_bytes
 from launcher.models.counts import builtin_params
 from launcher.models.facts import ModelFacts, uses_transfer
 from launcher.recipe import DataConfig, EngineConfig, Recipe
@@ -536,13 +536,24 @@ def checkpoint_size(plan: LaunchPlan) -> int | None:
     return checkpoint_bytes(train.memory, engine=train.engine.name, zero_stage=train.engine.zero_stage)
 
 
-def _checkpoint_row(plan: LaunchPlan) -> list[tuple[str, str]]:
-    size = checkpoint_size(plan)
-    if size is None:
+def weights_size(plan: LaunchPlan) -> int | None:
+    """About how many bytes the run's final weights take, and each of its snapshots; None
+    where ``checkpoint_size`` is."""
+    train = plan.training
+    if train is None or train.memory is None:
+        return None
+    return weights_bytes(train.memory)
+
+
+def _disk_rows(plan: LaunchPlan) -> list[tuple[str, str]]:
+    size, weights = checkpoint_size(plan), weights_size(plan)
+    if size is None or weights is None:
         return []
-    keep = plan.recipe.train.keep_last
+    keep, snapshots = plan.recipe.train.keep_last, len(plan.training.steps.snapshots)
     return [("checkpoints", f"≈ {amount(size)} each; up to {keep + 1} on disk, {amount(size * (keep + 1))} "
-                            f"(train.keep_last {keep}, and the one being written)")]
+                            f"(train.keep_last {keep}, and the one being written)"),
+            ("weights", f"≈ {amount(weights)} (model.pt)"
+                        + (f", and {snapshots} snapshots of that size" if snapshots else ""))]
 
 
 def format_plan(plan: LaunchPlan) -> str:
@@ -578,7 +589,7 @@ def format_plan(plan: LaunchPlan) -> str:
             ("engine", f"{e.name}, ZeRO stage {e.zero_stage}, {e.precision}"
                        + (f", {recipe.engine.strategy}" if e.name == "accelerate" else "")),
             *_memory_rows(plan),
-            *_checkpoint_row(plan),
+            *_disk_rows(plan),
         ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,13 +1,13 @@
-"""The checkpoint size that `dlaunch plan` prints, and `dlaunch run` checks the run
-root's free space against (launcher/disk_room.py), set against real checkpoints: each
-engine's files as written on 2 ranks. (The refusals themselves, on a real full file
-system: tests/integration/test_unwritable_run_root.py.)"""
+"""The checkpoint and final-weights sizes that `dlaunch plan` prints, and `dlaunch run`
+checks the run root's free space against (launcher/disk_room.py), set against real
+files: each engine's checkpoint and model.pt as written on 2 ranks. (The refusals
+themselves, on a real full file system: tests/integration/test_unwritable_run_root.py.)"""
 
 from __future__ import annotations
 
 import pytest
 
-from launcher.plan import LaunchPlan, checkpoint_size
+from launcher.plan import LaunchPlan, checkpoint_size, weights_size
 from tests.conftest import dlaunch, only_run_dir
 
 pytestmark = pytest.mark.integration
@@ -34,8 +34,11 @@ def test_the_checkpoint_size_the_plan_estimates_is_what_the_engine_writes(tmp_pa
     result = dlaunch("run", str(recipe), "--procs-per-node", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = only_run_dir(tmp_path / "runs")
-    estimate = checkpoint_size(LaunchPlan.from_json((run_dir / "plan.json").read_text()))
+    plan = LaunchPlan.from_json((run_dir / "plan.json").read_text())
+    estimate = checkpoint_size(plan)
     [step] = (run_dir / "checkpoints").glob("step-*")
     written = sum(path.stat().st_size for path in step.rglob("*") if path.is_file())
     # Above it: pickling's framing, the RNG states, the engine's own scripts and records.
     assert estimate <= written <= estimate * 1.05, (estimate, written)
+    # The final weights: fp32 whatever the training precision.
+    assert weights_size(plan) <= (run_dir / "model.pt").stat().st_size <= weights_size(plan) * 1.01

@@ -45,6 +45,8 @@ def test_plan_prints_the_model_states_per_rank(write_recipe):
     assert row.removeprefix("checkpoints").strip() == (
         f"≈ {checkpoint / 1024:.1f} KiB each; up to 4 on disk, {4 * checkpoint / 1024:.1f} KiB "
         "(train.keep_last 3, and the one being written)")
+    [row] = [line for line in result.stdout.splitlines() if line.startswith("weights ")]
+    assert row.removeprefix("weights").strip() == f"≈ {4 * psi / 1024:.1f} KiB (model.pt)"  # fp32, whole
 
     offloaded = dlaunch("plan", str(recipe), "--nodes", "2", "--procs-per-node", "2", "--json",
                         "--set", "engine.offload_optimizer=true")

@@ -77,6 +77,17 @@ def test_a_snapshot_is_saved_at_each_cycle_end_with_its_lr_and_scores(straight_d
     assert all(torch.equal(final[name], last[name]) for name in final)
 
 
+def test_the_plan_names_the_snapshot_steps_and_what_each_takes_on_disk(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.format(root=tmp_path / "runs"))
+    result = dlaunch("plan", str(recipe), "--procs-per-node", "2")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("  ", 1)[0]: line.split("  ", 1)[1].strip() for line in result.stdout.splitlines()}
+    assert rows["schedule"] == "cosine_restarts, 2 warmup steps, snapshots after steps 8, 20, 44"
+    params = 64 * 64 + 64 + 64 * 10 + 10  # digits: 64 features in, 10 classes out
+    assert rows["weights"] == f"≈ {4 * params / 1024:.1f} KiB (model.pt), and 3 snapshots of that size"
+
+
 def averaged_probabilities_accuracy(run_dir) -> tuple[list[float], float, float]:
     """Each snapshot's accuracy, and the accuracy and mean NLL of their averaged softmax,
     computed here from the snapshot files, on the rows `dlaunch eval` reads."""

@@ -171,9 +171,9 @@ logging: {{run_root: {tiny_fs / 'runs'}, progress: false, report: false}}
     assert result.returncode == 1
     [run_dir] = (tiny_fs / "runs").iterdir()
     assert result.stderr.startswith(f"dlaunch: the file system of {tiny_fs / 'runs'} has 2.0 MiB free, and the "
-                                    "checkpoints this command keeps take up to 3.8 MiB (973.1 KiB each, "
-                                    "train.keep_last 3, and the one being written): it may fail at a checkpoint "
-                                    "unless room is freed\n"), result.stderr[:3000]
+                                    "files this command keeps take up to 4.1 MiB (checkpoints of 973.1 KiB, "
+                                    "train.keep_last 3 and the one being written; the final weights, 278.0 KiB): "
+                                    "writing them may fail unless room is freed\n"), result.stderr[:3000]
     error = next(line for line in result.stderr.splitlines() if line.startswith("error: "))
     assert error.endswith(f"and the file system of {run_dir} is full (0 bytes free): most likely it failed "
                           f"writing there; free space, and `dlaunch run --resume {run_dir}` continues from "
@@ -190,6 +190,41 @@ logging: {{run_root: {tiny_fs / 'runs'}, progress: false, report: false}}
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["step"] for r in metrics(run_dir, "resume")] == [5]
     assert metrics(run_dir, "summary")[0]["steps"] == 20
+
+
+def test_a_run_whose_snapshots_do_not_fit_beside_its_checkpoints_is_warned_of(tmp_path, tiny_fs):
+    """Room for the checkpoints the run keeps (two of 834 KiB), not for them and the
+    snapshots and final weights (278 KiB each) it writes as well: the warning counts
+    those, and the run fails as it says, at the second checkpoint, after a snapshot."""
+    subprocess.run(["mount", "-o", "remount,size=2m", str(tiny_fs)], check=True)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""name: snapshots
+data: {{source: synthetic, samples: 256, num_features: 16, num_classes: 4}}
+model: {{name: mlp, kwargs: {{hidden: [256, 256]}}}}
+engine: {{name: accelerate}}
+precision: {{dtype: fp32}}
+schedule: {{name: cosine_restarts, warmup_steps: 0, restart_period: 6, min_lr_ratio: 0.0, snapshots: true}}
+train: {{micro_batch_size: 8, max_steps: 24, checkpoint_every: 4, eval_every: 6, keep_last: 1,
+        early_stopping: {{patience: null}}}}
+logging: {{run_root: {tiny_fs / 'runs'}, progress: false, report: false, tensorboard: false}}
+""")
+    result = dlaunch("run", str(recipe), cwd=tmp_path)
+    assert result.returncode == 1
+    [run_dir] = (tiny_fs / "runs").iterdir()
+    assert result.stderr.startswith(f"dlaunch: the file system of {tiny_fs / 'runs'} has 2.0 MiB free, and the "
+                                    "files this command keeps take up to 3.0 MiB (checkpoints of 834.0 KiB, "
+                                    "train.keep_last 1 and the one being written; the final weights, 278.0 KiB; "
+                                    "4 snapshots of the weights' size): writing them may fail unless room is "
+                                    "freed\n"), result.stderr[:3000]
+    error = next(line for line in result.stderr.splitlines() if line.startswith("error: "))
+    assert "the file system of" in error and error.endswith("continues from checkpoint step-00000004"), error
+
+    subprocess.run(["mount", "-o", "remount,size=16m", str(tiny_fs)], check=True)
+    resumed = dlaunch("run", "--resume", str(run_dir), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(p.name for p in (run_dir / "snapshots").glob("*.pt")) == [
+        f"cycle-0{cycle}-step-000000{6 * cycle:02d}.pt" for cycle in range(1, 5)]
+    assert (run_dir / "model.pt").is_file()
 
 
 def test_a_fold_that_filled_the_disk_is_resumed_through_its_folds_directory(tiny_fs):
