@@ -21,6 +21,7 @@ from cluster.base import JobState
 from cluster.failure import LOG_TAIL, first_failure, out_of_restarts_line, rank_failure_report
 from cluster.process import agent_module
 from launcher.errors import UsageError
+from launcher.folds import fold_number
 from launcher.plan import LaunchPlan
 from launcher.recipe import SlurmConfig
 from launcher.rundir import LOGS, PLAN, rank_log, rank_status
@@ -114,11 +115,30 @@ def _container(plan: LaunchPlan, cwd: str) -> tuple[list[str], str, str]:
     return exports, "", 'apptainer exec --nv --bind "$DLAUNCH_CONTAINER_MOUNTS" "$DLAUNCH_CONTAINER_IMAGE" '
 
 
+def array_tasks(plans: list[LaunchPlan]) -> list[int]:
+    """Each plan's task id in its array job: a fold's number, so that a resume's array,
+    which runs only the folds left, names each fold as the first array did; otherwise
+    its grid point's."""
+    folds = [fold_number(plan.run_dir) for plan in plans]
+    return [fold for fold in folds if fold is not None] if None not in folds else list(range(len(plans)))
+
+
+def _array_option(tasks: list[int]) -> str:
+    """`--array=0-3`, or `--array=1-2,4` for the folds a resume has left."""
+    ranges: list[list[int]] = []
+    for task in tasks:
+        if ranges and task == ranges[-1][1] + 1:
+            ranges[-1][1] = task
+        else:
+            ranges.append([task, task])
+    return "--array=" + ",".join(f"{first}-{last}" if last > first else str(first) for first, last in ranges)
+
+
 def _run_dir_export(plan: LaunchPlan, array: list[LaunchPlan]) -> tuple[str, str]:
     """(the lines that set DLAUNCH_RUN_DIR, the --output path) for a job or an array."""
     if not array:
         return f"export DLAUNCH_RUN_DIR={shlex.quote(plan.run_dir)}", f"{plan.run_dir}/logs/slurm-%j.out"
-    dirs = " ".join(shlex.quote(p.run_dir) for p in array)
+    dirs = " ".join(f"[{task}]={shlex.quote(p.run_dir)}" for task, p in zip(array_tasks(array), array, strict=True))
     lines = ("# An array job: task N trains grid point (or fold) N, in a run directory of its own.\n"
              f"RUN_DIRS=({dirs})\n"
              'export DLAUNCH_RUN_DIR="${RUN_DIRS[$SLURM_ARRAY_TASK_ID]}"')
@@ -147,7 +167,7 @@ def render(plan: LaunchPlan, *, python: str | None = None, cwd: str | None = Non
                              "env...); an array varies training keys only", key="--array")
     run_dir_export, output = _run_dir_export(plan, list(array))
     module, worker = agent_module(plan)
-    options = _sbatch_options(plan, output) + ([f"--array=0-{len(array) - 1}"] if array else [])
+    options = _sbatch_options(plan, output) + ([_array_option(array_tasks(list(array)))] if array else [])
     values = {
         "job_title": (slurm.job_name or plan.name).replace("\n", " "),
         "run_dir_comment": plan.run_dir.replace("\n", " "),
@@ -264,17 +284,18 @@ class SlurmBackend:
         return SlurmJob(plan, job_id)
 
     def submit_array(self, plans: list[LaunchPlan]) -> list[SlurmJob]:
-        """One array job, task N running plans[N]."""
+        """One array job, a task a plan (``array_tasks`` numbers them)."""
+        tasks = array_tasks(plans)
         links = Path(plans[0].run_dir) / TASK_LOGS
         links.mkdir(parents=True, exist_ok=True)
-        for index, plan in enumerate(plans):  # a resume's array may replace an earlier one's
-            (links / str(index)).unlink(missing_ok=True)
-            (links / str(index)).symlink_to(Path(plan.run_dir) / LOGS, target_is_directory=True)
+        for task, plan in zip(tasks, plans, strict=True):  # a resume's array may replace an earlier one's
+            (links / str(task)).unlink(missing_ok=True)
+            (links / str(task)).symlink_to(Path(plan.run_dir) / LOGS, target_is_directory=True)
         job_id = self._sbatch(render(plans[0], array=plans), plans)
         jobs = []
-        for index, plan in enumerate(plans):
-            (Path(plan.run_dir) / JOB_ID).write_text(f"{job_id}_{index}\n")
-            jobs.append(SlurmJob(plan, f"{job_id}_{index}"))
+        for task, plan in zip(tasks, plans, strict=True):
+            (Path(plan.run_dir) / JOB_ID).write_text(f"{job_id}_{task}\n")
+            jobs.append(SlurmJob(plan, f"{job_id}_{task}"))
         return jobs
 
 

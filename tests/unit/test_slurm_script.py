@@ -139,6 +139,21 @@ def test_array_script_picks_each_tasks_run_dir():
     assert chosen.stdout == "/runs/grid-1-a1"
 
 
+def test_an_array_of_the_folds_left_numbers_each_task_by_its_fold():
+    """A resume's array runs the folds left (here 1, 2 and 4 of 0-4): task N is fold N,
+    in squeue and in the job ids, as in the array that first ran them."""
+    recipe = Recipe.model_validate({"data": {"source": "synthetic"}})
+    plans = [build_plan(recipe, host=LOGIN_NODE, data=describe(recipe.data), backend="slurm",
+                        run_dir=f"/runs/cv-1-folds/fold-{fold}") for fold in (1, 2, 4)]
+    script = render(plans[0], array=plans)
+    assert "#SBATCH --array=1-2,4" in script.splitlines()
+    for task in ("1", "2", "4"):
+        chosen = subprocess.run(["bash", "-c", script[script.index("RUN_DIRS="):].split("\n# The rendezvous")[0]
+                                 + '\nprintf %s "$DLAUNCH_RUN_DIR"'], env={"SLURM_ARRAY_TASK_ID": task},
+                                capture_output=True, text=True)
+        assert chosen.stdout == f"/runs/cv-1-folds/fold-{task}"
+
+
 def test_array_that_changes_the_job_itself_is_refused():
     from launcher.errors import UsageError
 

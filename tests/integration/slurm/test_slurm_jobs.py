@@ -304,7 +304,7 @@ def test_folds_that_failed_on_slurm_resume_as_one_array_job_from_their_checkpoin
 
     dry = slurm_cluster.dlaunch("run", "--resume", str(group), "--dry-run")
     assert dry.returncode == 0, dry.stderr[-3000:]
-    assert "#SBATCH --array=0-1" in dry.stdout and str(group / "fold-0") not in dry.stdout
+    assert "#SBATCH --array=1-2" in dry.stdout and str(group / "fold-0") not in dry.stdout
     assert all(str(group / f"fold-{fold}") in dry.stdout for fold in (1, 2))
 
     resumed = slurm_cluster.dlaunch("run", "--resume", str(group))
@@ -313,6 +313,7 @@ def test_folds_that_failed_on_slurm_resume_as_one_array_job_from_their_checkpoin
                                               "step-00000005, then fold 2")
     tasks = [(group / f"fold-{fold}" / "slurm" / "job_id").read_text().strip() for fold in (1, 2)]
     assert len({task.split("_")[0] for task in tasks}) == 1, f"the folds ran as separate jobs {tasks}"
+    assert [task.split("_")[1] for task in tasks] == ["1", "2"], "a task not numbered by its fold"
     # Each task wrote its output into its own run directory, which its job id names.
     assert all((group / f"fold-{fold}" / "logs" / f"slurm-{task}.out").exists() for fold, task in zip((1, 2), tasks))
     assert slurm_cluster.dlaunch("status", tasks[1]).stdout.split() == [tasks[1], "COMPLETED", str(group / "fold-2")]
