@@ -120,7 +120,9 @@ def array_tasks(plans: list[LaunchPlan]) -> list[int]:
     which runs only the folds left, names each fold as the first array did; otherwise
     its grid point's."""
     folds = [fold_number(plan.run_dir) for plan in plans]
-    return [fold for fold in folds if fold is not None] if None not in folds else list(range(len(plans)))
+    if None in folds:  # the points of an --array grid
+        return list(range(len(plans)))
+    return [int(fold) for fold in folds]
 
 
 def _array_option(tasks: list[int]) -> str:
