@@ -5,7 +5,8 @@ reserved for it (a bundle per node).
 SWEEP_DIR/
   recipe.yaml     the resolved recipe every trial starts from (its sweep: included)
   sweep.json      the trials' topology and working directory
-  tune/           Ray Tune's experiment state: what `dlaunch sweep --resume` restores
+  tune/           Ray Tune's experiment state: what `dlaunch sweep --resume` restores;
+                  under PBT, also Tune's copies of each trial's last checkpoints
   trials/<id>/    each trial's run directory, and trial.json: its overrides and its end
   trials.json     one row per trial: overrides, end, evaluations, metric
   best.yaml       the best finished trial's recipe, for `dlaunch run`
@@ -31,7 +32,7 @@ from ray import tune
 from ray.util import get_current_placement_group
 
 from cluster.ray import RayBackend, connected, node_bundles, ray_address
-from cluster.tune_space import param_space, search_algorithm, trial_scheduler
+from cluster.tune_space import param_space, search_algorithm, trial_scheduler, tune_checkpoints
 from launcher import tune_gate
 from launcher.manifest import verify
 from launcher.monitor import read_records, read_resumed_records
@@ -269,6 +270,7 @@ def _tuner(sweep_dir: Path, spec: SweepSpec, plans: list[LaunchPlan], spread: bo
             reuse_actors=False),
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep_dir), verbose=1,
                                   callbacks=[TrialEnds(str(sweep_dir))],
+                                  checkpoint_config=tune_checkpoints(spec),
                                   failure_config=tune.FailureConfig(max_failures=0)))
 
 

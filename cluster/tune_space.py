@@ -90,6 +90,18 @@ def trial_scheduler(spec: SweepSpec, max_t: int) -> TrialScheduler:
         custom_explore_fn=functools.partial(_clamp, ranges))
 
 
+def tune_checkpoints(spec: SweepSpec) -> tune.CheckpointConfig:
+    """How many of a trial's checkpoints Tune keeps. Under PBT a trial hands Tune one at
+    every evaluation, and Tune copies each into SWEEP_DIR/tune: kept, a long sweep of a
+    large model would fill the disk. A better trial's checkpoint at a decision must
+    outlive the ``perturbation_interval`` evaluations to its next one, while the worse
+    trials it was given to start from it, and as many again for a start that lags
+    (Tune warns that 2 or fewer risk a clone's checkpoint deleted under it)."""
+    if spec.scheduler.name != "pbt":
+        return tune.CheckpointConfig()  # the other schedulers are given none
+    return tune.CheckpointConfig(num_to_keep=2 * spec.scheduler.perturbation_interval + 1)
+
+
 def _clamp(ranges: dict[str, tuple[float, float]], config: dict[str, Any]) -> dict[str, Any]:
     """Move each ranged value of a trial config back into its [low, high]: PBT perturbs
     by a factor (x0.8, x1.2) and would otherwise leave the bounds, and with them the

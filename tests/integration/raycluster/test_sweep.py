@@ -209,3 +209,25 @@ def test_pbt_copies_a_better_trials_checkpoint_into_a_worse_one(tmp_path, ray_cl
     [clone_at_150] = [e["val_acc"] for e in metrics(sweep / "trials" / at_chance, "eval") if e["step"] == 150]
     assert own_at_100 < donor_at_100 - 0.3 and clone_at_150 >= donor_at_100 - 0.15, \
         (own_at_100, donor_at_100, clone_at_150)
+
+
+def test_tune_keeps_only_the_latest_pbt_checkpoints_of_each_trial(tmp_path, ray_cluster):
+    """Each of 8 evaluations hands Tune a checkpoint, which Tune copies into the sweep's
+    tune/ directory; with perturbation_interval 2 it keeps each trial's last 5
+    (cluster/tune_space.py), not all 8, and the sweep's clones and restarts still find
+    theirs. (Across a clone Tune's count can run one over: 12 evaluations kept 5 a trial,
+    6 kept 5 and 6.)"""
+    recipe, root = write(tmp_path, "pbtkeep", steps=80, eval_every=10, scheduler="pbt", lrs=[3.0e-2, 1.0e-6])
+    recipe.write_text(recipe.read_text().replace(
+        "reduction_factor: 2}", "reduction_factor: 2, perturbation_interval: 2, synch: true}"))
+    result = ray_cluster.dlaunch("sweep", str(recipe), "--address", ray_cluster.address, "--nodes", "2",
+                                 timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    sweep = sweep_dir_under(root)
+    rows = json.loads((sweep / "trials.json").read_text())
+    assert [row["end"] for row in rows] == ["finished", "finished"] and all(row["evaluations"] == 8 for row in rows)
+    assert re.search(r"Cloning trial \S+ \(score = [^)]*\) into trial", result.stderr), result.stderr[-4000:]
+    kept = {trial.name: sorted(int(p.name.removeprefix("checkpoint_")) for p in trial.glob("checkpoint_*"))
+            for trial in (sweep / "tune").glob("run_trial_*")}
+    assert len(kept) == 2 and all(len(numbers) <= 6 for numbers in kept.values()), kept
+    assert all(numbers[0] > 0 for numbers in kept.values()), f"a trial's first checkpoint was kept: {kept}"
