@@ -92,11 +92,12 @@ def trial_scheduler(spec: SweepSpec, max_t: int) -> TrialScheduler:
 
 def tune_checkpoints(spec: SweepSpec) -> tune.CheckpointConfig:
     """How many of a trial's checkpoints Tune keeps. Under PBT a trial hands Tune one at
-    every evaluation, and Tune copies each into SWEEP_DIR/tune: kept, a long sweep of a
-    large model would fill the disk. A better trial's checkpoint at a decision must
-    outlive the ``perturbation_interval`` evaluations to its next one, while the worse
-    trials it was given to start from it, and as many again for a start that lags
-    (Tune warns that 2 or fewer risk a clone's checkpoint deleted under it)."""
+    every evaluation, and Tune copies each into SWEEP_DIR/tune; its default keeps them
+    all, which fills the disk in a long sweep of a large model. The checkpoint a better
+    trial has at a decision is what worse trials start from until its next decision,
+    ``perturbation_interval`` evaluations later; twice that and one more leaves room for
+    a clone that starts late (Tune warns that keeping 2 or fewer can delete a checkpoint
+    a clone still needs)."""
     if spec.scheduler.name != "pbt":
         return tune.CheckpointConfig()  # the other schedulers are given none
     return tune.CheckpointConfig(num_to_keep=2 * spec.scheduler.perturbation_interval + 1)
